@@ -1,0 +1,1 @@
+//! Aviary's runners (placeholder until the runners crate lands).

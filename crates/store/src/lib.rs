@@ -1,0 +1,1 @@
+//! Aviary's storage (placeholder until the storage crate lands).
