@@ -1,2 +1,148 @@
-//! placeholder
-fn main() {}
+//! The `aviary` binary: `aviary server` runs the server, `aviary pack
+//! validate` checks packs offline, every other command is an API client
+//! (see the aviary-cli crate). This file only parses arguments and dispatches.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use aviary_server::config::{Overrides, ServerConfig};
+use clap::{Parser, Subcommand};
+
+/// Aviary: event-driven automation and canary delivery in one binary.
+#[derive(Parser)]
+#[command(name = "aviary", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: aviary_cli::GlobalArgs,
+    #[command(subcommand)]
+    command: Top,
+}
+
+#[derive(Subcommand)]
+enum Top {
+    /// Run the server: HTTP API, webhooks, rules, the execution queue and timers.
+    Server(ServerArgs),
+    /// Work with packs: validate folders offline, list or reload the server's.
+    #[command(subcommand)]
+    Pack(PackCommand),
+    #[command(flatten)]
+    Client(aviary_cli::Command),
+}
+
+#[derive(Subcommand)]
+enum PackCommand {
+    /// Check pack folders and report every problem of every file at once (no server needed).
+    Validate {
+        /// Pack folders, or folders of packs.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+    },
+    /// List the packs the server has loaded.
+    List,
+    /// Reload the server's packs; the running set is replaced only if all are valid.
+    Reload,
+}
+
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// Configuration file (YAML); default: <data dir>/aviary.yaml if present.
+    #[arg(long, env = "AVIARY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, env = "AVIARY_LISTEN")]
+    listen: Option<String>,
+    /// Data directory (embedded database, keys, admin token).
+    #[arg(long, env = "AVIARY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Database: sqlite:<path> (default, in the data dir) or postgres://user@host:port/db.
+    #[arg(long, env = "AVIARY_DATABASE")]
+    database: Option<String>,
+    /// Pack folders (or folders of packs) to load; repeatable.
+    #[arg(long = "packs", env = "AVIARY_PACKS", value_delimiter = ':')]
+    packs: Vec<PathBuf>,
+    /// How many actions may run at once.
+    #[arg(long, env = "AVIARY_WORKERS")]
+    workers: Option<usize>,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "AVIARY_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+    /// Node name (several servers sharing PostgreSQL need distinct names).
+    #[arg(long, env = "AVIARY_NODE")]
+    node: Option<String>,
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("AVIARY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn server(args: ServerArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let config = ServerConfig::load(&Overrides {
+        config_file: args.config,
+        listen: args.listen,
+        data_dir: args.data_dir,
+        database: args.database,
+        packs: args.packs,
+        workers: args.workers,
+        max_body_bytes: args.max_body_bytes,
+        node: args.node,
+    })
+    .context("invalid configuration")?;
+    aviary_server::serve(config).await?;
+    Ok(())
+}
+
+fn validate(dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    match aviary_server::packs::Registry::load(dirs) {
+        Ok(reg) => {
+            for p in reg.packs.iter().filter(|p| p.path.is_some()) {
+                println!("ok  {} {} ({} actions, {} rules)", p.name, p.version, p.actions, p.rules);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(aviary_server::packs::PackLoadError::Invalid(diags)) => {
+            eprintln!("{diags}");
+            eprintln!("{} problem(s) found", diags.0.len());
+            Ok(ExitCode::from(1))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("aviary: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result: anyhow::Result<ExitCode> = runtime.block_on(async move {
+        match cli.command {
+            Top::Server(args) => server(args).await.map(|_| ExitCode::SUCCESS),
+            Top::Pack(PackCommand::Validate { dirs }) => validate(&dirs),
+            Top::Pack(PackCommand::List) => client(cli.global, aviary_cli::Command::Pack(aviary_cli::PackCmd::List)).await,
+            Top::Pack(PackCommand::Reload) => client(cli.global, aviary_cli::Command::Pack(aviary_cli::PackCmd::Reload)).await,
+            Top::Client(cmd) => client(cli.global, cmd).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("aviary: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn client(global: aviary_cli::GlobalArgs, cmd: aviary_cli::Command) -> anyhow::Result<ExitCode> {
+    let code = aviary_cli::run(global, cmd).await?;
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests of the real `aviary` binary: the server over HTTP and the
+//! CLI, on embedded SQLite and on PostgreSQL. One test binary (faster builds),
+//! one module per area.
+
+mod harness;
+
+mod cli;
+mod durability;
+mod packs;
+mod webhooks;

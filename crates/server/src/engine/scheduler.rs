@@ -1,0 +1,259 @@
+//! The worker pool: claims requested executions from the durable queue and
+//! runs them, at most `workers` at a time. Because the queue lives in the
+//! store, nothing requested is lost when the server dies; what was running
+//! then is marked abandoned at the next start (never silently re-run).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aviary_core::action::ActionMeta;
+use aviary_core::model::{Execution, ExecutionStatus};
+use aviary_runners::{RunRequest, run};
+use aviary_store::NewExecution;
+use chrono::Utc;
+use serde_json::{Map, Value, json};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::Engine;
+use super::output::{LiveEvent, pump};
+
+/// How often the queue is polled when nothing wakes the scheduler (other
+/// servers sharing a PostgreSQL queue, executions requested elsewhere).
+const POLL_EVERY: Duration = Duration::from_millis(500);
+/// Largest batch claimed at once.
+const MAX_CLAIM: usize = 256;
+
+/// Runs the scheduler until `shutdown` fires.
+pub async fn run_scheduler(engine: Arc<Engine>, shutdown: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(engine.config.workers));
+    loop {
+        let free = permits.available_permits().min(MAX_CLAIM);
+        let mut claimed_full = false;
+        if free > 0 {
+            match engine
+                .store
+                .claim_executions(&engine.config.node, free as u32)
+                .await
+            {
+                Ok(batch) => {
+                    claimed_full = batch.len() == free;
+                    for new in batch {
+                        let Ok(permit) = permits.clone().acquire_owned().await else {
+                            return;
+                        };
+                        let engine = engine.clone();
+                        tokio::spawn(async move {
+                            run_one(&engine, new).await;
+                            drop(permit);
+                        });
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot claim executions from the queue");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        if claimed_full {
+            continue;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = engine.queue_notify.notified() => {}
+            _ = tokio::time::sleep(POLL_EVERY) => {}
+        }
+        if permits.available_permits() == 0 {
+            // Wait until a worker frees up before claiming more.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                p = permits.clone().acquire_owned() => drop(p),
+            }
+        }
+    }
+}
+
+async fn finish(engine: &Engine, id: &str, from: &[ExecutionStatus], to: ExecutionStatus, result: Value) {
+    if let Err(e) = engine
+        .store
+        .transition_execution(id, from, to, Some(result), Utc::now())
+        .await
+    {
+        tracing::error!(execution = id, error = %e, "cannot record the end of an execution");
+    }
+}
+
+/// Runs one claimed execution to its end and records the outcome.
+async fn run_one(engine: &Engine, new: NewExecution) {
+    let exec = new.execution;
+    let id = exec.id.clone();
+    let registry = engine.registry.load_full();
+    let Some(action) = registry.actions.get(&exec.action).cloned() else {
+        finish(
+            engine,
+            &id,
+            &[ExecutionStatus::Scheduled],
+            ExecutionStatus::Failed,
+            json!({"error": format!("action '{}' no longer exists (packs were reloaded)", exec.action)}),
+        )
+        .await;
+        return;
+    };
+    let (params, secrets) = match merge_secrets(engine, &exec, new.secrets.as_deref()) {
+        Ok(v) => v,
+        Err(msg) => {
+            finish(engine, &id, &[ExecutionStatus::Scheduled], ExecutionStatus::Failed, json!({"error": msg})).await;
+            return;
+        }
+    };
+    match engine
+        .store
+        .transition_execution(&id, &[ExecutionStatus::Scheduled], ExecutionStatus::Running, None, Utc::now())
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => return, // canceled meanwhile
+        Err(e) => {
+            tracing::error!(execution = %id, error = %e, "cannot mark execution running");
+            return;
+        }
+    }
+
+    if exec.runner == "noop" {
+        finish(engine, &id, &[ExecutionStatus::Running, ExecutionStatus::Canceling], ExecutionStatus::Succeeded, json!({})).await;
+        return;
+    }
+
+    let cancel = CancellationToken::new();
+    if let Ok(mut running) = engine.running.lock() {
+        running.insert(id.clone(), cancel.clone());
+    }
+    let live = engine.output.open(&id);
+    let _ = live.send(LiveEvent::Status(ExecutionStatus::Running));
+    let work_dir = engine.config.data_dir.join("work").join(&id);
+    let outcome = match prepare_request(engine, &registry.pack_dirs, &action, &exec, params, secrets, &work_dir) {
+        Ok(req) => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let pump_task = tokio::spawn(pump(engine.store.clone(), id.clone(), rx, live.clone()));
+            let outcome = run(req, tx, cancel.clone()).await;
+            let _ = pump_task.await;
+            Some(outcome)
+        }
+        Err(msg) => {
+            finish(engine, &id, &[ExecutionStatus::Running, ExecutionStatus::Canceling], ExecutionStatus::Failed, json!({"error": msg})).await;
+            None
+        }
+    };
+    let _ = std::fs::remove_dir_all(&work_dir);
+    if let Some(outcome) = outcome {
+        let status = if cancel.is_cancelled() { ExecutionStatus::Canceled } else { outcome.status };
+        finish(engine, &id, &[ExecutionStatus::Running, ExecutionStatus::Canceling], status, outcome.result).await;
+        let _ = live.send(LiveEvent::Status(status));
+    }
+    if let Ok(mut running) = engine.running.lock() {
+        running.remove(&id);
+    }
+    engine.output.close(&id);
+}
+
+/// Puts the real secret values back into the parameters.
+fn merge_secrets(
+    engine: &Engine,
+    exec: &Execution,
+    blob: Option<&str>,
+) -> Result<(Map<String, Value>, Vec<String>), String> {
+    let mut params = exec.parameters.as_object().cloned().unwrap_or_default();
+    let mut secrets = Vec::new();
+    if let Some(blob) = blob {
+        let plain = engine
+            .secret_key
+            .decrypt(blob)
+            .map_err(|e| format!("cannot decrypt the execution's secret parameters: {e}; was the key file replaced?"))?;
+        let parsed: Value = serde_json::from_str(&plain).map_err(|e| format!("corrupt secret parameters: {e}"))?;
+        if let Some(map) = parsed.get("parameters").and_then(Value::as_object) {
+            for (k, v) in map {
+                secrets.push(match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                });
+                params.insert(k.clone(), v.clone());
+            }
+        }
+        if let Some(list) = parsed.get("mask").and_then(Value::as_array) {
+            secrets.extend(list.iter().filter_map(|v| v.as_str().map(String::from)));
+        }
+    }
+    secrets.retain(|s| !s.is_empty());
+    Ok((params, secrets))
+}
+
+fn prepare_request(
+    engine: &Engine,
+    pack_dirs: &std::collections::HashMap<String, PathBuf>,
+    action: &ActionMeta,
+    exec: &Execution,
+    params: Map<String, Value>,
+    secrets: Vec<String>,
+    work_dir: &Path,
+) -> Result<RunRequest, String> {
+    let entry_point = match &action.entry_point {
+        Some(ep) if !ep.is_empty() => Some(resolve_entry_point(pack_dirs, action, ep)?),
+        _ => None,
+    };
+    std::fs::create_dir_all(work_dir)
+        .map_err(|e| format!("cannot create work dir {}: {e}", work_dir.display()))?;
+    let runner_param_names: Vec<String> = aviary_core::runner_types::runner_parameters(&action.runner_type)
+        .map(|s| s.0.into_iter().map(|(n, _)| n).collect())
+        .unwrap_or_default();
+    let positions = action
+        .parameters
+        .0
+        .iter()
+        .filter_map(|(name, spec)| spec.position.map(|p| (name.clone(), p)))
+        .collect();
+    Ok(RunRequest {
+        execution_id: exec.id.clone(),
+        action_ref: exec.action.clone(),
+        runner_type: action.runner_type.clone(),
+        entry_point,
+        parameters: params,
+        runner_param_names,
+        positions,
+        secrets,
+        timeout: Duration::from_secs(exec.timeout_secs.max(1)),
+        work_dir: work_dir.to_path_buf(),
+        extra_env: vec![
+            ("AVIARY_EXECUTION_ID".into(), exec.id.clone()),
+            ("AVIARY_ACTION".into(), exec.action.clone()),
+            ("AVIARY_API_URL".into(), engine.config.public_url.clone()),
+        ],
+    })
+}
+
+/// An entry point is a path relative to the pack's `actions/` folder and
+/// must stay inside the pack.
+fn resolve_entry_point(
+    pack_dirs: &std::collections::HashMap<String, PathBuf>,
+    action: &ActionMeta,
+    entry_point: &str,
+) -> Result<PathBuf, String> {
+    let dir = pack_dirs
+        .get(&action.pack)
+        .ok_or_else(|| format!("pack '{}' has no folder for entry point '{entry_point}'", action.pack))?;
+    let root = dir
+        .canonicalize()
+        .map_err(|e| format!("pack folder {}: {e}", dir.display()))?;
+    let path = dir
+        .join("actions")
+        .join(entry_point)
+        .canonicalize()
+        .map_err(|e| format!("entry point '{entry_point}' of {}: {e}", action.reference()))?;
+    if !path.starts_with(&root) {
+        return Err(format!(
+            "entry point '{entry_point}' of {} resolves outside its pack; refusing to run it",
+            action.reference()
+        ));
+    }
+    Ok(path)
+}
