@@ -8,5 +8,11 @@
 //! Invariant: nothing in this crate does I/O (no files, sockets, processes or
 //! clocks other than values passed in). Callers read files and pass text in.
 
-pub mod model;
+pub mod action;
 pub mod criteria;
+pub mod diagnostic;
+pub mod model;
+pub mod pack;
+pub mod params;
+pub mod rule;
+pub mod runner_types;

@@ -1,0 +1,165 @@
+//! The runner types Aviary knows and their runner parameters (StackStorm names).
+//!
+//! Runner parameters configure the runner itself (`cmd`, `url`, `timeout`...).
+//! An action inherits them and may override their attributes (default,
+//! immutable, ...) in its own `parameters`.
+
+use crate::action::{ParamSchema, ParamSpec, ParamType};
+use serde_json::{Value, json};
+
+/// Every runner type Aviary accepts in action metadata.
+pub const RUNNER_TYPES: &[&str] = &[
+    "noop",
+    "local-shell-cmd",
+    "local-shell-script",
+    "http-request",
+    "orquesta",
+];
+
+/// Runner types whose actions must name an `entry_point` file.
+pub const ENTRY_POINT_REQUIRED: &[&str] = &["local-shell-script", "orquesta"];
+
+fn spec(kind: ParamType, description: &str) -> ParamSpec {
+    ParamSpec {
+        kind,
+        description: description.to_string(),
+        default: None,
+        required: false,
+        secret: false,
+        immutable: false,
+        enum_values: None,
+        position: None,
+        runner_param: true,
+    }
+}
+
+fn with_default(mut s: ParamSpec, default: Value) -> ParamSpec {
+    s.default = Some(default);
+    s
+}
+
+fn shell_common() -> Vec<(String, ParamSpec)> {
+    vec![
+        (
+            "env".into(),
+            spec(
+                ParamType::Object,
+                "Environment variables for the command (name: value).",
+            ),
+        ),
+        (
+            "cwd".into(),
+            spec(ParamType::String, "Working directory of the command."),
+        ),
+        (
+            "timeout".into(),
+            with_default(
+                spec(
+                    ParamType::Integer,
+                    "Seconds before the command is killed (status timeout).",
+                ),
+                json!(60),
+            ),
+        ),
+        (
+            "kwarg_op".into(),
+            with_default(
+                spec(
+                    ParamType::String,
+                    "Prefix of named arguments passed to the command.",
+                ),
+                json!("--"),
+            ),
+        ),
+    ]
+}
+
+/// The runner parameters of `runner_type`, or None for an unknown runner type.
+pub fn runner_parameters(runner_type: &str) -> Option<ParamSchema> {
+    let params = match runner_type {
+        "noop" | "orquesta" => Vec::new(),
+        "local-shell-cmd" => {
+            let mut cmd = spec(
+                ParamType::String,
+                "Command to run; positional parameters are passed as its arguments, never as shell text.",
+            );
+            cmd.required = true;
+            let mut v = vec![("cmd".to_string(), cmd)];
+            v.extend(shell_common());
+            v
+        }
+        "local-shell-script" => shell_common(),
+        "http-request" => {
+            let mut url = spec(ParamType::String, "URL to request.");
+            url.required = true;
+            let mut method = with_default(spec(ParamType::String, "HTTP method."), json!("GET"));
+            method.enum_values = Some(
+                ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+                    .iter()
+                    .map(|m| json!(m))
+                    .collect(),
+            );
+            let mut password = spec(ParamType::String, "Password for basic authentication.");
+            password.secret = true;
+            vec![
+                ("url".into(), url),
+                ("method".into(), method),
+                (
+                    "headers".into(),
+                    spec(ParamType::Object, "Request headers (name: value)."),
+                ),
+                ("body".into(), spec(ParamType::String, "Request body.")),
+                (
+                    "params".into(),
+                    spec(ParamType::Object, "Query parameters (name: value)."),
+                ),
+                (
+                    "timeout".into(),
+                    with_default(
+                        spec(ParamType::Integer, "Seconds before the request times out."),
+                        json!(60),
+                    ),
+                ),
+                (
+                    "verify_ssl_cert".into(),
+                    with_default(
+                        spec(ParamType::Boolean, "Verify the server's TLS certificate."),
+                        json!(true),
+                    ),
+                ),
+                (
+                    "allow_redirects".into(),
+                    with_default(spec(ParamType::Boolean, "Follow redirects."), json!(false)),
+                ),
+                (
+                    "username".into(),
+                    spec(ParamType::String, "User name for basic authentication."),
+                ),
+                ("password".into(), password),
+            ]
+        }
+        _ => return None,
+    };
+    Some(ParamSchema(params))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_known_runner_has_parameters() {
+        for r in RUNNER_TYPES {
+            assert!(runner_parameters(r).is_some(), "{r}");
+        }
+        assert!(runner_parameters("python-script").is_none());
+    }
+
+    #[test]
+    fn http_password_is_secret() {
+        let s = runner_parameters("http-request").unwrap();
+        assert!(s.get("password").unwrap().secret);
+        assert_eq!(s.get("method").unwrap().default, Some(json!("GET")));
+        assert!(s.get("url").unwrap().required);
+    }
+}
