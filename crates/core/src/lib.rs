@@ -16,3 +16,4 @@ pub mod pack;
 pub mod params;
 pub mod rule;
 pub mod runner_types;
+pub mod template;
