@@ -64,9 +64,7 @@ pub(crate) fn abandoned_error(node: &str) -> serde_json::Value {
 }
 
 /// Parses a stored status.
-pub(crate) fn parse_status(
-    s: &str,
-) -> Result<aviary_core::model::ExecutionStatus, StoreError> {
+pub(crate) fn parse_status(s: &str) -> Result<aviary_core::model::ExecutionStatus, StoreError> {
     aviary_core::model::ExecutionStatus::parse(s).ok_or_else(|| StoreError::Corrupt {
         what: "execution status".into(),
         reason: format!("unknown status `{s}`"),

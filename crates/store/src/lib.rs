@@ -88,7 +88,9 @@ pub enum StoreError {
         supported: i64,
     },
     /// A uniqueness rule was violated (an id, a token name or hash already in use).
-    #[error("{what} already exists ({detail}); use another name or id, or revoke/delete the existing one")]
+    #[error(
+        "{what} already exists ({detail}); use another name or id, or revoke/delete the existing one"
+    )]
     Conflict {
         /// What collided (`API token`, `execution`...).
         what: String,
@@ -253,8 +255,11 @@ pub trait Store: Send + Sync + 'static {
     /// Atomically moves up to `limit` oldest `requested` executions to
     /// `scheduled`, setting `node`; returns them (oldest first) with their secrets.
     /// Concurrent claimers never get the same execution.
-    async fn claim_executions(&self, node: &str, limit: u32)
-    -> Result<Vec<NewExecution>, StoreError>;
+    async fn claim_executions(
+        &self,
+        node: &str,
+        limit: u32,
+    ) -> Result<Vec<NewExecution>, StoreError>;
     /// Conditional transition: only if the current status is in `from`. Sets
     /// `started_at` when `to` is Running, `finished_at` when `to` is terminal;
     /// replaces the result when `result` is Some. Returns whether it changed.

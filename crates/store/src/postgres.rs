@@ -17,24 +17,22 @@ use aviary_core::model::{
 };
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, QueryBuilder, Row};
+use sqlx::{Executor, Postgres, QueryBuilder, Row};
 
 use crate::common::{
     Migration, abandoned_error, count_to_u64, from_ns, from_opt_ns, opt_ns, parse_scope,
     parse_status, parse_ti_status, redact_url, timeout_from_i64, timeout_to_i64, to_ns,
 };
 use crate::sqlite::conflict_what;
-use crate::{
-    ExecutionFilter, Ingest, IngestOutcome, NewExecution, OutputChunk, Store, StoreError,
-};
+use crate::{ExecutionFilter, Ingest, IngestOutcome, NewExecution, OutputChunk, Store, StoreError};
 
 const BACKEND: &str = "postgres";
 
-const MIGRATIONS: &[Migration] = &[(
-    1,
-    "init",
-    include_str!("migrations/postgres/0001_init.sql"),
-)];
+const MIGRATIONS: &[Migration] = &[(1, "init", include_str!("migrations/postgres/0001_init.sql"))];
+
+/// A boxed `Send` future returning `Result<T, StoreError>`.
+type BoxedFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// Pool size: enough for a busy server on a small machine.
 const POOL_MAX: u32 = 16;
@@ -126,8 +124,7 @@ fn split_schema(url: &str) -> Result<(String, Option<String>), StoreError> {
 }
 
 const TI_COLS: &str = "id, trigger, payload, occurrence_time, dedup_key, status";
-const ENF_COLS: &str =
-    "id, trigger_instance_id, rule, execution_id, failure_reason, enforced_at";
+const ENF_COLS: &str = "id, trigger_instance_id, rule, execution_id, failure_reason, enforced_at";
 const EXEC_COLS: &str = "id, action, runner, parameters, status, result, trigger_instance_id, rule, \
      enforcement_id, parent_id, requested_by, created_at, started_at, finished_at, timeout_secs, node, secrets";
 const KV_COLS: &str = "scope, name, value, secret, expire_at, updated_at";
@@ -259,10 +256,11 @@ impl PgStore {
     /// parameter) and migrates the database.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let (sqlx_url, schema) = split_schema(url)?;
-        let mut options = PgConnectOptions::from_str(&sqlx_url).map_err(|e| StoreError::InvalidUrl {
-            url: redact_url(url),
-            reason: e.to_string(),
-        })?;
+        let mut options =
+            PgConnectOptions::from_str(&sqlx_url).map_err(|e| StoreError::InvalidUrl {
+                url: redact_url(url),
+                reason: e.to_string(),
+            })?;
         if let Some(schema) = &schema {
             options = options.options([("search_path", schema.as_str())]);
         }
@@ -280,83 +278,90 @@ impl PgStore {
         Ok(store)
     }
 
-    async fn migrate(&self, schema: Option<&str>) -> Result<(), StoreError> {
-        let op = "migrating the schema";
-        let mut conn = self.pool.acquire().await.map_err(err(op))?;
-        let lock_key = format!("aviary-migrate:{}", schema.unwrap_or("public"));
-        sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
-            .bind(&lock_key)
-            .execute(&mut *conn)
-            .await
-            .map_err(err(op))?;
-        let result = self.migrate_locked(&mut conn, schema).await;
-        let unlock = sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
-            .bind(&lock_key)
-            .execute(&mut *conn)
-            .await;
-        if let Err(e) = unlock {
-            // Closing the connection releases the lock anyway.
-            tracing::warn!(error = %e, "releasing the migration lock failed");
-            conn.detach();
-        }
-        result
-    }
-
-    async fn migrate_locked(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        schema: Option<&str>,
-    ) -> Result<(), StoreError> {
-        let op = "migrating the schema";
-        if let Some(schema) = schema {
-            // The name was validated (letters, digits, `_`).
-            sqlx::raw_sql(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+    /// Boxed with an explicit `Send` bound: without it, the compiler cannot
+    /// prove the future `Send` for every lifetime when callers `tokio::spawn`
+    /// [`crate::open`] (rust-lang/rust#96865 with sqlx executors).
+    fn migrate<'a>(&'a self, schema: Option<&'a str>) -> BoxedFuture<'a, ()> {
+        Box::pin(async move {
+            let op = "migrating the schema";
+            let mut conn = self.pool.acquire().await.map_err(err(op))?;
+            let lock_key = format!("aviary-migrate:{}", schema.unwrap_or("public"));
+            sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
+                .bind(&lock_key)
                 .execute(&mut *conn)
                 .await
                 .map_err(err(op))?;
-        }
-        sqlx::raw_sql(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
+            // Migrations run on other pool connections while this one holds the lock.
+            let result = self.migrate_locked(schema).await;
+            let unlock = sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
+                .bind(&lock_key)
+                .execute(&mut *conn)
+                .await;
+            if let Err(e) = unlock {
+                // Closing the connection releases the lock anyway.
+                tracing::warn!(error = %e, "releasing the migration lock failed");
+                conn.detach();
+            }
+            result
+        })
+    }
+
+    fn migrate_locked<'a>(&'a self, schema: Option<&'a str>) -> BoxedFuture<'a, ()> {
+        Box::pin(async move {
+            let op = "migrating the schema";
+            if let Some(schema) = schema {
+                // The name was validated (letters, digits, `_`).
+                sqlx::raw_sql(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(err(op))?;
+            }
+            sqlx::raw_sql(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (
                 version    BIGINT PRIMARY KEY,
                 name       TEXT   NOT NULL,
                 applied_at BIGINT NOT NULL
             )",
-        )
-        .execute(&mut *conn)
-        .await
-        .map_err(err(op))?;
-        let supported = MIGRATIONS.iter().map(|m| m.0).max().unwrap_or(0);
-        let found: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations")
-            .fetch_one(&mut *conn)
+            )
+            .execute(&self.pool)
             .await
             .map_err(err(op))?;
-        if let Some(found) = found.filter(|f| *f > supported) {
-            return Err(StoreError::SchemaTooNew {
-                backend: BACKEND,
-                found,
-                supported,
-            });
-        }
-        for &(version, name, sql) in MIGRATIONS {
-            if found.is_some_and(|f| f >= version) {
-                continue;
-            }
-            let mig_err = |e: sqlx::Error| StoreError::Migration {
-                backend: BACKEND,
-                version,
-                name: name.to_string(),
-                message: e.to_string(),
-            };
-            let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(mig_err)?;
-            let applied: Option<i64> =
-                sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
-                    .bind(version)
-                    .fetch_optional(&mut *tx)
+            let supported = MIGRATIONS.iter().map(|m| m.0).max().unwrap_or(0);
+            let found: Option<i64> =
+                sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations")
+                    .fetch_one(&self.pool)
                     .await
-                    .map_err(mig_err)?;
-            if applied.is_none() {
-                sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(mig_err)?;
-                sqlx::query(
+                    .map_err(err(op))?;
+            if let Some(found) = found.filter(|f| *f > supported) {
+                return Err(StoreError::SchemaTooNew {
+                    backend: BACKEND,
+                    found,
+                    supported,
+                });
+            }
+            for &(version, name, sql) in MIGRATIONS {
+                if found.is_some_and(|f| f >= version) {
+                    continue;
+                }
+                let mig_err = |e: sqlx::Error| StoreError::Migration {
+                    backend: BACKEND,
+                    version,
+                    name: name.to_string(),
+                    message: e.to_string(),
+                };
+                let mut tx = self.pool.begin().await.map_err(mig_err)?;
+                let applied: Option<i64> =
+                    sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
+                        .bind(version)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(mig_err)?;
+                if applied.is_none() {
+                    (&mut *tx)
+                        .execute(sqlx::raw_sql(sql))
+                        .await
+                        .map_err(mig_err)?;
+                    sqlx::query(
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
                 )
                 .bind(version)
@@ -365,11 +370,12 @@ impl PgStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(mig_err)?;
-                tracing::info!(backend = BACKEND, version, name, "applied schema migration");
+                    tracing::info!(backend = BACKEND, version, name, "applied schema migration");
+                }
+                tx.commit().await.map_err(mig_err)?;
             }
-            tx.commit().await.map_err(mig_err)?;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 
@@ -409,8 +415,9 @@ impl Store for PgStore {
                 None => Err(StoreError::Database {
                     backend: BACKEND,
                     op: op.into(),
-                    message: "the event's dedup key collided with an event that then vanished; retry"
-                        .into(),
+                    message:
+                        "the event's dedup key collided with an event that then vanished; retry"
+                            .into(),
                 }),
             };
         }
@@ -436,11 +443,13 @@ impl Store for PgStore {
     }
 
     async fn get_trigger_instance(&self, id: &str) -> Result<Option<TriggerInstance>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {TI_COLS} FROM trigger_instances WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(err("reading a trigger instance"))?;
+        let row = sqlx::query(&format!(
+            "SELECT {TI_COLS} FROM trigger_instances WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(err("reading a trigger instance"))?;
         row.as_ref().map(ti_from_row).transpose()
     }
 
@@ -477,7 +486,8 @@ impl Store for PgStore {
         if let Some(rule) = rule {
             qb.push(" AND rule = ").push_bind(rule);
         }
-        qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(limit));
+        qb.push(" ORDER BY seq DESC LIMIT ")
+            .push_bind(i64::from(limit));
         let rows = qb
             .build()
             .fetch_all(&self.pool)
@@ -507,10 +517,14 @@ impl Store for PgStore {
             return Ok(Vec::new());
         }
         let rows = sqlx::query(&format!(
-            "UPDATE executions SET status = 'scheduled', node = $1 \
-             WHERE id IN (SELECT id FROM executions WHERE status = 'requested' \
-                          ORDER BY created_at, seq LIMIT $2 FOR UPDATE SKIP LOCKED) \
-             AND status = 'requested' \
+            // A CTE with a locking clause is evaluated exactly once; a plain
+            // `IN (subquery ... LIMIT)` may be re-run by the planner and claim
+            // more than `limit` rows.
+            "WITH picked AS ( \
+                 SELECT seq AS picked_seq FROM executions WHERE status = 'requested' \
+                 ORDER BY created_at, seq LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             UPDATE executions SET status = 'scheduled', node = $1 \
+             FROM picked WHERE executions.seq = picked.picked_seq \
              RETURNING {EXEC_COLS}, seq"
         ))
         .bind(node)
@@ -606,13 +620,12 @@ impl Store for PgStore {
     }
 
     async fn count_executions(&self, status: Option<ExecutionStatus>) -> Result<u64, StoreError> {
-        let row = sqlx::query(
-            "SELECT COUNT(*) FROM executions WHERE ($1::text IS NULL OR status = $1)",
-        )
-        .bind(status.map(|s| s.as_str()))
-        .fetch_one(&self.pool)
-        .await
-        .map_err(err("counting executions"))?;
+        let row =
+            sqlx::query("SELECT COUNT(*) FROM executions WHERE ($1::text IS NULL OR status = $1)")
+                .bind(status.map(|s| s.as_str()))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(err("counting executions"))?;
         count_row(&row)
     }
 

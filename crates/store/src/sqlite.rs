@@ -29,9 +29,7 @@ use crate::common::{
     Migration, abandoned_error, count_to_u64, from_ns, from_opt_ns, opt_ns, parse_scope,
     parse_status, parse_ti_status, timeout_from_i64, timeout_to_i64, to_ns,
 };
-use crate::{
-    ExecutionFilter, Ingest, IngestOutcome, NewExecution, OutputChunk, Store, StoreError,
-};
+use crate::{ExecutionFilter, Ingest, IngestOutcome, NewExecution, OutputChunk, Store, StoreError};
 
 /// Most write jobs committed in one transaction.
 pub const MAX_BATCH: usize = 256;
@@ -154,11 +152,17 @@ fn map_err(op: &str, e: rusqlite::Error) -> StoreError {
 pub(crate) fn conflict_what(detail: &str) -> String {
     let pairs = [
         ("api_tokens.name", "an active API token with this name"),
-        ("api_tokens_active_name", "an active API token with this name"),
+        (
+            "api_tokens_active_name",
+            "an active API token with this name",
+        ),
         ("api_tokens.hash", "an API token with this secret"),
         ("api_tokens_hash", "an API token with this secret"),
         ("api_tokens", "an API token with this id"),
-        ("trigger_instances.dedup_key", "a trigger instance with this dedup key"),
+        (
+            "trigger_instances.dedup_key",
+            "a trigger instance with this dedup key",
+        ),
         ("trigger_instances", "a trigger instance with this id"),
         ("enforcements", "an enforcement with this id"),
         ("executions", "an execution with this id"),
@@ -268,7 +272,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(mig_err)?;
         let found: Option<i64> = tx
-            .query_row("SELECT MAX(version) FROM schema_migrations", [], |r| r.get(0))
+            .query_row("SELECT MAX(version) FROM schema_migrations", [], |r| {
+                r.get(0)
+            })
             .map_err(mig_err)?;
         if let Some(found) = found.filter(|f| *f > supported) {
             return Err(StoreError::SchemaTooNew {
@@ -440,8 +446,7 @@ impl SqliteStore {
 }
 
 const TI_COLS: &str = "id, trigger, payload, occurrence_time, dedup_key, status";
-const ENF_COLS: &str =
-    "id, trigger_instance_id, rule, execution_id, failure_reason, enforced_at";
+const ENF_COLS: &str = "id, trigger_instance_id, rule, execution_id, failure_reason, enforced_at";
 const EXEC_COLS: &str = "id, action, runner, parameters, status, result, trigger_instance_id, rule, \
      enforcement_id, parent_id, requested_by, created_at, started_at, finished_at, timeout_secs, node, secrets";
 const KV_COLS: &str = "scope, name, value, secret, expire_at, updated_at";
@@ -664,8 +669,14 @@ impl Store for SqliteStore {
         let id = id.to_string();
         self.read(move |conn| {
             let sql = format!("SELECT {TI_COLS} FROM trigger_instances WHERE id = ?1");
-            Ok(query_all(conn, "reading a trigger instance", &sql, &[text(&id)], ti_from_row)?
-                .pop())
+            Ok(query_all(
+                conn,
+                "reading a trigger instance",
+                &sql,
+                &[text(&id)],
+                ti_from_row,
+            )?
+            .pop())
         })
         .await
     }
@@ -830,9 +841,15 @@ impl Store for SqliteStore {
         let id = id.to_string();
         self.read(move |conn| {
             let sql = format!("SELECT {EXEC_COLS} FROM executions WHERE id = ?1");
-            Ok(query_all(conn, "reading an execution", &sql, &[text(&id)], exec_from_row)?
-                .pop()
-                .map(|x| x.execution))
+            Ok(query_all(
+                conn,
+                "reading an execution",
+                &sql,
+                &[text(&id)],
+                exec_from_row,
+            )?
+            .pop()
+            .map(|x| x.execution))
         })
         .await
     }
@@ -1038,9 +1055,8 @@ impl Store for SqliteStore {
         let now = to_ns(now, "current time")?;
         let prefix = prefix.map(str::to_string);
         self.read(move |conn| {
-            let mut sql = format!(
-                "SELECT {KV_COLS} FROM kv WHERE (expire_at IS NULL OR expire_at > ?1)"
-            );
+            let mut sql =
+                format!("SELECT {KV_COLS} FROM kv WHERE (expire_at IS NULL OR expire_at > ?1)");
             let mut args: Vec<SqlValue> = vec![now.into()];
             if let Some(scope) = scope {
                 args.push(text(scope.as_str()));
@@ -1110,8 +1126,14 @@ impl Store for SqliteStore {
             let sql = format!(
                 "SELECT {TOKEN_COLS} FROM api_tokens WHERE hash = ?1 AND revoked_at IS NULL"
             );
-            Ok(query_all(conn, "looking up an API token", &sql, &[SqlValue::Text(hash)], token_from_row)?
-                .pop())
+            Ok(query_all(
+                conn,
+                "looking up an API token",
+                &sql,
+                &[SqlValue::Text(hash)],
+                token_from_row,
+            )?
+            .pop())
         })
         .await
     }
@@ -1218,7 +1240,10 @@ impl Store for SqliteStore {
                 &[],
                 |r| {
                     let c = || corrupt("rule override");
-                    Ok((r.get::<_, String>(0).map_err(c())?, r.get::<_, bool>(1).map_err(c())?))
+                    Ok((
+                        r.get::<_, String>(0).map_err(c())?,
+                        r.get::<_, bool>(1).map_err(c())?,
+                    ))
                 },
             )?;
             Ok(rows.into_iter().collect())
