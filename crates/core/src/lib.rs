@@ -17,3 +17,5 @@ pub mod params;
 pub mod rule;
 pub mod runner_types;
 pub mod template;
+pub mod signature;
+pub mod secret;
