@@ -4,7 +4,7 @@
 //! entry point and typed parameters. Parameters of the runner (`cmd`, `url`,
 //! `timeout`...) are inherited; an action may override their attributes.
 
-use crate::diagnostic::{Diagnostic, FileCheck, YamlNode, YamlValue, join, parse_yaml};
+use crate::diagnostic::{Diagnostic, FileCheck, YamlNode, YamlValue, join, parse_yaml, suggest};
 use crate::runner_types::{ENTRY_POINT_REQUIRED, RUNNER_TYPES, runner_parameters};
 use serde::Serialize;
 use serde::ser::SerializeMap;
@@ -166,6 +166,14 @@ impl ActionMeta {
     }
 }
 
+/// `a string`, `an integer`, ... for messages.
+fn with_article(kind: ParamType) -> String {
+    match kind {
+        ParamType::Integer | ParamType::Array | ParamType::Object => format!("an {}", kind.name()),
+        other => format!("a {}", other.name()),
+    }
+}
+
 /// Top-level keys of action metadata.
 const ACTION_KEYS: &[&str] = &[
     "name",
@@ -320,7 +328,13 @@ pub(crate) fn parse_action(
                     node,
                     "runner_type",
                     format!("unknown runner type '{r}'"),
-                    Some(format!("known runner types: {}", RUNNER_TYPES.join(", "))),
+                    Some(match suggest(r, RUNNER_TYPES) {
+                        Some(s) => format!(
+                            "did you mean `{s}`? known runner types: {}",
+                            RUNNER_TYPES.join(", ")
+                        ),
+                        None => format!("known runner types: {}", RUNNER_TYPES.join(", ")),
+                    }),
                 );
             }
             schema
@@ -539,7 +553,7 @@ fn parse_param(
                     spec.kind.name(),
                     d.kind_name()
                 ),
-                Some(format!("give a {} default", spec.kind.name())),
+                Some(format!("give {} default", with_article(spec.kind))),
             );
         } else if let Some(allowed) = &spec.enum_values
             && !v.is_null()
@@ -563,6 +577,7 @@ fn parse_param(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -266,6 +266,30 @@ pub fn parse_yaml(file: &str, text: &str) -> Result<YamlNode, Diagnostic> {
     })
 }
 
+/// The candidate closest to `word` (edit distance at most 2), for
+/// "did you mean" hints.
+pub(crate) fn suggest<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut cur = vec![i + 1];
+            for (j, cb) in b.iter().enumerate() {
+                let sub = prev[j] + usize::from(ca != *cb);
+                cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+            }
+            prev = cur;
+        }
+        prev[b.len()]
+    }
+    candidates
+        .iter()
+        .map(|c| (distance(word, c), *c))
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
 /// Joins a dotted field path.
 pub(crate) fn join(prefix: &str, key: &str) -> String {
     if prefix.is_empty() {
@@ -327,11 +351,18 @@ impl<'a> FileCheck<'a> {
         for (key, _) in entries {
             let name = key.key_string();
             if !known.contains(&name.as_str()) && !ignored.contains(&name.as_str()) {
+                let hint = match suggest(&name, known) {
+                    Some(s) => format!(
+                        "did you mean `{s}`? valid fields here: {}",
+                        known.join(", ")
+                    ),
+                    None => format!("valid fields here: {}", known.join(", ")),
+                };
                 self.error(
                     key,
                     &join(path, &name),
                     format!("unknown field '{name}'"),
-                    Some(format!("valid fields here: {}", known.join(", "))),
+                    Some(hint),
                 );
             }
         }
@@ -426,6 +457,7 @@ impl<'a> FileCheck<'a> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

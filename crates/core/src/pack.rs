@@ -390,6 +390,7 @@ pub fn core_pack() -> Pack {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

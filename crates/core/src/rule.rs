@@ -11,7 +11,7 @@
 
 use crate::action::{check_name, check_pack_field};
 use crate::criteria::{Criterion, Operator, SearchCondition};
-use crate::diagnostic::{Diagnostic, FileCheck, YamlNode, YamlValue, join, parse_yaml};
+use crate::diagnostic::{Diagnostic, FileCheck, YamlNode, YamlValue, join, parse_yaml, suggest};
 use crate::model::{
     CRON_TIMER_TRIGGER, DATE_TIMER_TRIGGER, INTERVAL_TIMER_TRIGGER, WEBHOOK_TRIGGER,
 };
@@ -209,10 +209,13 @@ fn parse_criterion(
             op_node,
             &join(field, "type"),
             format!("unknown criteria operator '{op_name}'"),
-            Some(format!(
-                "use one of: {}",
-                Operator::ALL.map(|(_, n)| n).join(", ")
-            )),
+            Some({
+                let names = Operator::ALL.map(|(_, n)| n);
+                match suggest(&op_name, &names) {
+                    Some(s) => format!("did you mean `{s}`? operators: {}", names.join(", ")),
+                    None => format!("use one of: {}", names.join(", ")),
+                }
+            }),
         );
         return None;
     };
@@ -233,25 +236,22 @@ fn parse_criterion(
     let mut condition = None;
     match (op, pattern_node) {
         (Operator::Search, Some(p)) => {
-            match check.string(spec, "condition", field, true) {
-                Some((c, cnode)) => {
-                    condition = match c.as_str() {
-                        "any" => Some(SearchCondition::Any),
-                        "all" => Some(SearchCondition::All),
-                        "any2any" => Some(SearchCondition::Any2Any),
-                        "all2any" => Some(SearchCondition::All2Any),
-                        _ => {
-                            check.error(
-                                cnode,
-                                &join(field, "condition"),
-                                format!("unknown search condition '{c}'"),
-                                Some("use one of: any, all, any2any, all2any".to_string()),
-                            );
-                            None
-                        }
+            if let Some((c, cnode)) = check.string(spec, "condition", field, true) {
+                condition = match c.as_str() {
+                    "any" => Some(SearchCondition::Any),
+                    "all" => Some(SearchCondition::All),
+                    "any2any" => Some(SearchCondition::Any2Any),
+                    "all2any" => Some(SearchCondition::All2Any),
+                    _ => {
+                        check.error(
+                            cnode,
+                            &join(field, "condition"),
+                            format!("unknown search condition '{c}'"),
+                            Some("use one of: any, all, any2any, all2any".to_string()),
+                        );
+                        None
                     }
                 }
-                None => {}
             }
             if p.as_map().is_some() {
                 parse_criteria(check, p, &pattern_field);
@@ -334,18 +334,16 @@ fn check_pattern(
                 Some("quote the pattern".to_string()),
             ),
         },
-        Operator::TimeDiffLt | Operator::TimeDiffGt => {
-            if !matches!(p.value, YamlValue::Number(_)) {
-                check.error(
-                    p,
-                    field,
-                    format!(
-                        "a {op_name} pattern is a number of seconds, found {}",
-                        p.kind_name()
-                    ),
-                    None,
-                );
-            }
+        Operator::TimeDiffLt | Operator::TimeDiffGt if !matches!(p.value, YamlValue::Number(_)) => {
+            check.error(
+                p,
+                field,
+                format!(
+                    "a {op_name} pattern is a number of seconds, found {}",
+                    p.kind_name()
+                ),
+                None,
+            );
         }
         _ => {}
     }
@@ -407,7 +405,7 @@ fn check_trigger(check: &mut FileCheck<'_>, trigger: &YamlNode, kind: &str, kind
                         Some("add `delta: <positive integer>`".to_string()),
                     ),
                     Some(d) => {
-                        if !d.to_json().as_u64().is_some_and(|n| n > 0) {
+                        if d.to_json().as_u64().is_none_or(|n| n == 0) {
                             check.error(
                                 d,
                                 "trigger.parameters.delta",
@@ -593,6 +591,7 @@ pub(crate) fn parse_rule(pack: &str, file: &str, text: &str) -> (ParsedRule, Vec
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -144,6 +144,7 @@ pub fn runner_parameters(runner_type: &str) -> Option<ParamSchema> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
