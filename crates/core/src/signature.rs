@@ -18,9 +18,7 @@ pub enum SignatureError {
     )]
     Missing,
     /// The header is not `sha256=<64 hex digits>`.
-    #[error(
-        "malformed X-Hub-Signature-256 header: expected the format \"sha256=<64 hex digits>\""
-    )]
+    #[error("malformed X-Hub-Signature-256 header: expected the format \"sha256=<64 hex digits>\"")]
     Malformed,
     /// The signature does not match the body and the configured secret.
     #[error(

@@ -477,7 +477,11 @@ mod filters {
         env.add_filter("basename", basename);
         env.add_filter("dirname", dirname);
         env.add_filter("use_none", |v: JValue| {
-            if v.is_undefined() { JValue::from(()) } else { v }
+            if v.is_undefined() {
+                JValue::from(())
+            } else {
+                v
+            }
         });
     }
 }

@@ -30,7 +30,10 @@ fn key_base64_roundtrip_and_debug_redacted() {
     assert_eq!(again.decrypt(&key.encrypt("v")).unwrap(), "v");
     let dbg = format!("{key:?}");
     assert!(!dbg.contains(&b64) && dbg.contains("redacted"), "{dbg}");
-    assert!(matches!(SecretKey::from_base64("not base64!"), Err(SecretError::BadKey(_))));
+    assert!(matches!(
+        SecretKey::from_base64("not base64!"),
+        Err(SecretError::BadKey(_))
+    ));
     assert!(matches!(
         SecretKey::from_base64(&STANDARD.encode([0u8; 16])),
         Err(SecretError::BadKey(_))
@@ -52,9 +55,18 @@ fn tampering_and_wrong_key_fail() {
         SecretKey::generate().decrypt(&ct),
         Err(SecretError::Decrypt)
     );
-    assert!(matches!(key.decrypt("plaintext"), Err(SecretError::Malformed(_))));
-    assert!(matches!(key.decrypt("v1:%%%"), Err(SecretError::Malformed(_))));
-    assert!(matches!(key.decrypt("v1:AAAA"), Err(SecretError::Malformed(_))));
+    assert!(matches!(
+        key.decrypt("plaintext"),
+        Err(SecretError::Malformed(_))
+    ));
+    assert!(matches!(
+        key.decrypt("v1:%%%"),
+        Err(SecretError::Malformed(_))
+    ));
+    assert!(matches!(
+        key.decrypt("v1:AAAA"),
+        Err(SecretError::Malformed(_))
+    ));
     let truncated = format!("v1:{}", STANDARD.encode(&raw[..raw.len() - 1]));
     assert_eq!(key.decrypt(&truncated), Err(SecretError::Decrypt));
 }

@@ -16,8 +16,12 @@ fn github_documented_example() {
         "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
     );
     verify_github_signature(SECRET, BODY, Some(&sig)).unwrap();
-    verify_github_signature(SECRET, BODY, Some(&sig.to_uppercase().replace("SHA256=", "sha256=")))
-        .unwrap();
+    verify_github_signature(
+        SECRET,
+        BODY,
+        Some(&sig.to_uppercase().replace("SHA256=", "sha256=")),
+    )
+    .unwrap();
     verify_github_signature(SECRET, BODY, Some(&format!("  {sig} "))).unwrap();
 }
 
@@ -27,13 +31,28 @@ fn refusals() {
     let cases: Vec<(Option<String>, SignatureError)> = vec![
         (None, SignatureError::Missing),
         (Some(String::new()), SignatureError::Missing),
-        (Some(good.trim_start_matches("sha256=").to_string()), SignatureError::Malformed),
-        (Some(good.replace("sha256=", "sha1=")), SignatureError::Malformed),
+        (
+            Some(good.trim_start_matches("sha256=").to_string()),
+            SignatureError::Malformed,
+        ),
+        (
+            Some(good.replace("sha256=", "sha1=")),
+            SignatureError::Malformed,
+        ),
         (Some("sha256=zz".repeat(1)), SignatureError::Malformed),
         (Some(format!("{good}00")), SignatureError::Malformed),
-        (Some(format!("sha256={}", "g".repeat(64))), SignatureError::Malformed),
-        (Some(github_signature(b"other secret", BODY)), SignatureError::Mismatch),
-        (Some(github_signature(SECRET, b"Hello, World?")), SignatureError::Mismatch),
+        (
+            Some(format!("sha256={}", "g".repeat(64))),
+            SignatureError::Malformed,
+        ),
+        (
+            Some(github_signature(b"other secret", BODY)),
+            SignatureError::Mismatch,
+        ),
+        (
+            Some(github_signature(SECRET, b"Hello, World?")),
+            SignatureError::Mismatch,
+        ),
     ];
     for (header, expected) in cases {
         assert_eq!(
@@ -43,8 +62,15 @@ fn refusals() {
         );
     }
     let msg = SignatureError::Malformed.to_string();
-    assert!(msg.contains("X-Hub-Signature-256") && msg.contains("sha256=<"), "{msg}");
-    assert!(SignatureError::Missing.to_string().contains("X-Hub-Signature-256"));
+    assert!(
+        msg.contains("X-Hub-Signature-256") && msg.contains("sha256=<"),
+        "{msg}"
+    );
+    assert!(
+        SignatureError::Missing
+            .to_string()
+            .contains("X-Hub-Signature-256")
+    );
 }
 
 #[test]

@@ -34,22 +34,35 @@ fn native_values_for_single_expressions() {
         (json!("{{ trigger.body.count }}"), json!(5)),
         (json!("{{trigger.body.ok}}"), json!(true)),
         (json!("{{ trigger.body.tags }}"), json!(["a", "b"])),
-        (json!("{{ trigger.body.repo }}"), json!({"name": "aviary", "owner": "birds"})),
+        (
+            json!("{{ trigger.body.repo }}"),
+            json!({"name": "aviary", "owner": "birds"}),
+        ),
         (json!("{{ trigger.body.nothing }}"), Value::Null),
         (json!("{{ trigger.body.count + 1 }}"), json!(6)),
         (json!("{{- trigger.body.ref -}}"), json!("refs/heads/main")),
         (json!("n={{ trigger.body.count }}"), json!("n=5")),
-        (json!("{{ trigger.body.count }} {{ trigger.body.ok }}"), json!("5 True")),
+        (
+            json!("{{ trigger.body.count }} {{ trigger.body.ok }}"),
+            json!("5 True"),
+        ),
         (json!("plain text"), json!("plain text")),
-        (json!("{{ trigger.headers['X-GitHub-Event'] }}"), json!("push")),
+        (
+            json!("{{ trigger.headers['X-GitHub-Event'] }}"),
+            json!("push"),
+        ),
         (json!("{{ st2kv.system.target }}"), json!("canary-1")),
-        (json!("{{ trigger.body.missing | default('dflt') }}"), json!("dflt")),
+        (
+            json!("{{ trigger.body.missing | default('dflt') }}"),
+            json!("dflt"),
+        ),
         (json!(42), json!(42)),
     ];
     for (input, expected) in cases {
         assert_eq!(e.render_value(&input, &c).unwrap(), expected, "{input}");
     }
-    let nested = json!({"a": ["{{ trigger.body.count }}", {"b": "x{{ trigger.body.ref }}"}], "{{k}}": 1});
+    let nested =
+        json!({"a": ["{{ trigger.body.count }}", {"b": "x{{ trigger.body.ref }}"}], "{{k}}": 1});
     assert_eq!(
         e.render_value(&nested, &c).unwrap(),
         json!({"a": [5, {"b": "xrefs/heads/main"}], "{{k}}": 1})
@@ -117,11 +130,26 @@ fn filters() {
         r("{{ trigger.body.repo | to_complex }}"),
         json!("{\"name\":\"aviary\",\"owner\":\"birds\"}")
     );
-    assert_eq!(r("{{ '{\"a\": [1]}' | from_json_string }}"), json!({"a": [1]}));
-    assert_eq!(r("{{ 'say \"hi\"\n' | json_escape }}"), json!("say \\\"hi\\\"\\n"));
-    assert_eq!(r("{{ trigger.body.ref | regex_match('refs/') }}"), json!(true));
-    assert_eq!(r("{{ trigger.body.ref | regex_match('heads') }}"), json!(false));
-    assert_eq!(r("{{ trigger.body.ref | regex_search('heads') }}"), json!(true));
+    assert_eq!(
+        r("{{ '{\"a\": [1]}' | from_json_string }}"),
+        json!({"a": [1]})
+    );
+    assert_eq!(
+        r("{{ 'say \"hi\"\n' | json_escape }}"),
+        json!("say \\\"hi\\\"\\n")
+    );
+    assert_eq!(
+        r("{{ trigger.body.ref | regex_match('refs/') }}"),
+        json!(true)
+    );
+    assert_eq!(
+        r("{{ trigger.body.ref | regex_match('heads') }}"),
+        json!(false)
+    );
+    assert_eq!(
+        r("{{ trigger.body.ref | regex_search('heads') }}"),
+        json!(true)
+    );
     assert_eq!(
         r("{{ trigger.body.ref | regex_replace('refs/heads/(.*)', 'branch-\\\\1') }}"),
         json!("branch-main")
@@ -134,10 +162,19 @@ fn filters() {
         r("{{ 'v1.2.3 and v4.5.6' | regex_substring('v\\\\d', 1) }}"),
         json!("v4")
     );
-    assert_eq!(r("{{ trigger.body.path | basename }}"), json!("v1.2.tar.gz"));
-    assert_eq!(r("{{ trigger.body.path | dirname }}"), json!("/srv/app/releases"));
+    assert_eq!(
+        r("{{ trigger.body.path | basename }}"),
+        json!("v1.2.tar.gz")
+    );
+    assert_eq!(
+        r("{{ trigger.body.path | dirname }}"),
+        json!("/srv/app/releases")
+    );
     assert_eq!(r("{{ trigger.body.nothing | use_none }}"), Value::Null);
-    assert_eq!(r("{{ trigger.body.ref | upper }}"), json!("REFS/HEADS/MAIN"));
+    assert_eq!(
+        r("{{ trigger.body.ref | upper }}"),
+        json!("REFS/HEADS/MAIN")
+    );
     let err = e
         .render_value(&json!("{{ 'x' | regex_match('(') }}"), &c)
         .unwrap_err();
@@ -172,8 +209,14 @@ fn render_shell_never_splices_values() {
     assert_eq!(
         env,
         vec![
-            ("AVIARY_ARG_0".to_string(), "main;touch${IFS}/tmp/pwned".to_string()),
-            ("AVIARY_ARG_1".to_string(), "$(id) `id` 'q' \"dq\" \\".to_string()),
+            (
+                "AVIARY_ARG_0".to_string(),
+                "main;touch${IFS}/tmp/pwned".to_string()
+            ),
+            (
+                "AVIARY_ARG_1".to_string(),
+                "$(id) `id` 'q' \"dq\" \\".to_string()
+            ),
             ("AVIARY_ARG_2".to_string(), "7".to_string()),
         ]
     );
@@ -193,11 +236,14 @@ fn render_shell_never_splices_values() {
     assert_eq!(text, "echo 'hi' $HOME");
     assert!(env.is_empty());
     // Undefined is still an error.
-    let err = e.render_shell("echo {{ trigger.body.nope }}", &c).unwrap_err();
+    let err = e
+        .render_shell("echo {{ trigger.body.nope }}", &c)
+        .unwrap_err();
     assert!(err.message.contains("`trigger.body.nope`"), "{err}");
     // A normal render afterwards is not affected by the shell hook.
     assert_eq!(
-        e.render_value(&json!("b={{ trigger.body.n }}"), &c).unwrap(),
+        e.render_value(&json!("b={{ trigger.body.n }}"), &c)
+            .unwrap(),
         json!("b=7")
     );
 }
