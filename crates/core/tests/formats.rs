@@ -269,3 +269,39 @@ fn core_pack_is_stackstorm_compatible() {
     assert!(noop.effective_schema().0.is_empty());
     assert!(core.actions.iter().all(|a| a.file.is_none()));
 }
+
+#[test]
+fn duplicate_rules_and_empty_files_are_reported() {
+    let rule = "name: r\ntrigger: {type: core.st2.webhook, parameters: {url: x}}\naction: {ref: core.noop}\n";
+    let files = vec![
+        SourceFile {
+            path: "pack.yaml".into(),
+            text: "name: p\nversion: '1'\n".into(),
+        },
+        SourceFile {
+            path: "rules/a.yaml".into(),
+            text: rule.into(),
+        },
+        SourceFile {
+            path: "rules/b.yaml".into(),
+            text: format!("# same name\n{rule}"),
+        },
+        SourceFile {
+            path: "actions/empty.yaml".into(),
+            text: String::new(),
+        },
+    ];
+    let diags = load_pack("p", &files, &BTreeSet::new()).unwrap_err();
+    let text = diags.to_string();
+    assert_eq!(diags.0.len(), 2, "{text}");
+    assert!(
+        text.contains("actions/empty.yaml:1:1: (document): expected a mapping, found null"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "rules/b.yaml:2:7: name: duplicate rule name 'p.r': first defined at rules/a.yaml:1"
+        ),
+        "{text}"
+    );
+}
