@@ -283,12 +283,11 @@ fn undefined_error(
         Ok(t) => t.undeclared_variables(true).into_iter().collect(),
         Err(_) => Vec::new(),
     };
-    if names.is_empty() && single_expression(source).is_some() {
-        if let Some(expr) = single_expression(source)
-            && let Ok(e) = env.compile_expression(expr)
-        {
-            names = e.undeclared_variables(true).into_iter().collect();
-        }
+    if names.is_empty()
+        && let Some(expr) = single_expression(source)
+        && let Ok(e) = env.compile_expression(expr)
+    {
+        names = e.undeclared_variables(true).into_iter().collect();
     }
     names.sort();
     let missing = names.iter().find_map(|name| first_missing(ctx, name));

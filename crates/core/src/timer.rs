@@ -66,7 +66,7 @@ pub enum TimerSpec {
     /// On a cron schedule in a time zone.
     Cron {
         /// The schedule.
-        schedule: CronSchedule,
+        schedule: Box<CronSchedule>,
         /// The zone its fields are read in.
         timezone: FixedOffset,
     },
@@ -318,11 +318,11 @@ fn cron_from_params(params: &Map<String, Value>) -> Result<TimerSpec, String> {
             format!("CronTimer schedule `{pattern}` (sec min hour day month dow) is invalid: {e}")
         })?;
     Ok(TimerSpec::Cron {
-        schedule: CronSchedule {
+        schedule: Box::new(CronSchedule {
             cron,
             pattern,
             years,
-        },
+        }),
         timezone,
     })
 }

@@ -1,6 +1,8 @@
 //! Table tests for rule criteria: every operator, positive and negative,
 //! missing keys, key syntax, search conditions and compiled evaluation.
 
+#![allow(clippy::unwrap_used)]
+
 use aviary_core::criteria::{
     CompiledCriteria, Criterion, Operator, PathSegment, SearchCondition, evaluate_all, lookup,
     parse_key,

@@ -39,7 +39,7 @@ fn refusals() {
             Some(good.replace("sha256=", "sha1=")),
             SignatureError::Malformed,
         ),
-        (Some("sha256=zz".repeat(1)), SignatureError::Malformed),
+        (Some("sha256=zz".to_string()), SignatureError::Malformed),
         (Some(format!("{good}00")), SignatureError::Malformed),
         (
             Some(format!("sha256={}", "g".repeat(64))),
