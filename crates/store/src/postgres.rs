@@ -946,6 +946,7 @@ impl Store for PgStore {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

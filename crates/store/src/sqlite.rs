@@ -132,14 +132,14 @@ fn err(op: &str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
 }
 
 fn map_err(op: &str, e: rusqlite::Error) -> StoreError {
-    if let rusqlite::Error::SqliteFailure(f, msg) = &e {
-        if f.code == rusqlite::ErrorCode::ConstraintViolation {
-            let detail = msg.clone().unwrap_or_else(|| f.to_string());
-            return StoreError::Conflict {
-                what: conflict_what(&detail),
-                detail,
-            };
-        }
+    if let rusqlite::Error::SqliteFailure(f, msg) = &e
+        && f.code == rusqlite::ErrorCode::ConstraintViolation
+    {
+        let detail = msg.clone().unwrap_or_else(|| f.to_string());
+        return StoreError::Conflict {
+            what: conflict_what(&detail),
+            detail,
+        };
     }
     StoreError::Database {
         backend: BACKEND,
@@ -216,15 +216,15 @@ fn open_writer(path: &str, memory: bool) -> Result<Connection, StoreError> {
         path: path.to_string(),
         message: e.to_string(),
     };
-    if !memory {
-        if let Some(parent) = Path::new(path).parent() {
-            if !parent.as_os_str().is_empty() && !parent.exists() {
-                std::fs::create_dir_all(parent).map_err(|e| StoreError::SqliteOpen {
-                    path: path.to_string(),
-                    message: format!("cannot create directory {}: {e}", parent.display()),
-                })?;
-            }
-        }
+    if !memory
+        && let Some(parent) = Path::new(path).parent()
+        && !parent.as_os_str().is_empty()
+        && !parent.exists()
+    {
+        std::fs::create_dir_all(parent).map_err(|e| StoreError::SqliteOpen {
+            path: path.to_string(),
+            message: format!("cannot create directory {}: {e}", parent.display()),
+        })?;
     }
     let conn = if memory {
         Connection::open_in_memory().map_err(open_err)?
@@ -566,42 +566,129 @@ fn text(s: &str) -> SqlValue {
     SqlValue::Text(s.to_string())
 }
 
-fn insert_execution(conn: &Connection, new: &NewExecution) -> Result<(), StoreError> {
-    let e = &new.execution;
+/// An execution encoded for its row, so the writer thread only binds values.
+struct ExecRow {
+    id: String,
+    action: String,
+    runner: String,
+    parameters: String,
+    status: &'static str,
+    result: String,
+    trigger_instance_id: Option<String>,
+    rule: Option<String>,
+    enforcement_id: Option<String>,
+    parent_id: Option<String>,
+    requested_by: String,
+    created_at: i64,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    timeout_secs: i64,
+    node: Option<String>,
+    secrets: Option<String>,
+}
+
+fn encode_exec(new: NewExecution) -> Result<ExecRow, StoreError> {
+    let e = new.execution;
+    Ok(ExecRow {
+        parameters: json_text(&e.parameters),
+        status: e.status.as_str(),
+        result: json_text(&e.result),
+        created_at: to_ns(e.created_at, "execution created_at")?,
+        started_at: opt_ns(e.started_at, "execution started_at")?,
+        finished_at: opt_ns(e.finished_at, "execution finished_at")?,
+        timeout_secs: timeout_to_i64(e.timeout_secs)?,
+        id: e.id,
+        action: e.action,
+        runner: e.runner,
+        trigger_instance_id: e.trigger_instance_id,
+        rule: e.rule,
+        enforcement_id: e.enforcement_id,
+        parent_id: e.parent_id,
+        requested_by: e.requested_by,
+        node: e.node,
+        secrets: new.secrets,
+    })
+}
+
+const INSERT_EXEC: &str = "INSERT INTO executions (id, action, runner, parameters, status, result, \
+     trigger_instance_id, rule, enforcement_id, parent_id, requested_by, created_at, started_at, \
+     finished_at, timeout_secs, node, secrets) VALUES \
+     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
+
+fn insert_execution(conn: &Connection, e: &ExecRow) -> Result<(), StoreError> {
     let op = "storing an execution";
-    let mut stmt = conn
-        .prepare_cached(&format!(
-            "INSERT INTO executions ({EXEC_COLS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
-        ))
+    conn.prepare_cached(INSERT_EXEC)
+        .map_err(err(op))?
+        .execute(params![
+            e.id,
+            e.action,
+            e.runner,
+            e.parameters,
+            e.status,
+            e.result,
+            e.trigger_instance_id,
+            e.rule,
+            e.enforcement_id,
+            e.parent_id,
+            e.requested_by,
+            e.created_at,
+            e.started_at,
+            e.finished_at,
+            e.timeout_secs,
+            e.node,
+            e.secrets,
+        ])
         .map_err(err(op))?;
-    stmt.execute(params![
-        e.id,
-        e.action,
-        e.runner,
-        json_text(&e.parameters),
-        e.status.as_str(),
-        json_text(&e.result),
-        e.trigger_instance_id,
-        e.rule,
-        e.enforcement_id,
-        e.parent_id,
-        e.requested_by,
-        to_ns(e.created_at, "execution created_at")?,
-        opt_ns(e.started_at, "execution started_at")?,
-        opt_ns(e.finished_at, "execution finished_at")?,
-        timeout_to_i64(e.timeout_secs)?,
-        e.node,
-        new.secrets,
-    ])
-    .map_err(err(op))?;
     Ok(())
 }
 
-fn ingest_tx(conn: &Connection, ingest: &Ingest) -> Result<IngestOutcome, StoreError> {
+/// An enforcement encoded for its row: id, trigger instance, rule, execution, failure, time.
+type EnfRow = (String, String, String, Option<String>, Option<String>, i64);
+
+/// An event with its enforcements and executions, encoded for their rows.
+struct IngestRows {
+    ti: (String, String, String, i64, Option<String>, &'static str),
+    enforcements: Vec<EnfRow>,
+    executions: Vec<ExecRow>,
+}
+
+fn encode_ingest(ingest: Ingest) -> Result<IngestRows, StoreError> {
+    let ti = ingest.trigger_instance;
+    let mut enforcements = Vec::with_capacity(ingest.enforcements.len());
+    for e in ingest.enforcements {
+        let at = to_ns(e.enforced_at, "enforcement enforced_at")?;
+        enforcements.push((
+            e.id,
+            e.trigger_instance_id,
+            e.rule,
+            e.execution_id,
+            e.failure_reason,
+            at,
+        ));
+    }
+    let executions = ingest
+        .executions
+        .into_iter()
+        .map(encode_exec)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(IngestRows {
+        ti: (
+            ti.id,
+            ti.trigger,
+            json_text(&ti.payload),
+            to_ns(ti.occurrence_time, "event occurrence_time")?,
+            ti.dedup_key,
+            ti.status.as_str(),
+        ),
+        enforcements,
+        executions,
+    })
+}
+
+fn ingest_tx(conn: &Connection, rows: &IngestRows) -> Result<IngestOutcome, StoreError> {
     let op = "storing an event";
-    let ti = &ingest.trigger_instance;
-    if let Some(key) = &ti.dedup_key {
+    let ti = &rows.ti;
+    if let Some(key) = &ti.4 {
         let existing: Option<String> = conn
             .prepare_cached("SELECT id FROM trigger_instances WHERE dedup_key = ?1")
             .map_err(err(op))?
@@ -612,35 +699,23 @@ fn ingest_tx(conn: &Connection, ingest: &Ingest) -> Result<IngestOutcome, StoreE
             return Ok(IngestOutcome::Duplicate { existing_id });
         }
     }
-    conn.prepare_cached(&format!(
-        "INSERT INTO trigger_instances ({TI_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
-    ))
+    conn.prepare_cached(
+        "INSERT INTO trigger_instances (id, trigger, payload, occurrence_time, dedup_key, status) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
     .map_err(err(op))?
-    .execute(params![
-        ti.id,
-        ti.trigger,
-        json_text(&ti.payload),
-        to_ns(ti.occurrence_time, "event occurrence_time")?,
-        ti.dedup_key,
-        ti.status.as_str(),
-    ])
+    .execute(params![ti.0, ti.1, ti.2, ti.3, ti.4, ti.5])
     .map_err(err(op))?;
-    for e in &ingest.enforcements {
-        conn.prepare_cached(&format!(
-            "INSERT INTO enforcements ({ENF_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
-        ))
+    for e in &rows.enforcements {
+        conn.prepare_cached(
+            "INSERT INTO enforcements (id, trigger_instance_id, rule, execution_id, \
+             failure_reason, enforced_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
         .map_err(err(op))?
-        .execute(params![
-            e.id,
-            e.trigger_instance_id,
-            e.rule,
-            e.execution_id,
-            e.failure_reason,
-            to_ns(e.enforced_at, "enforcement enforced_at")?,
-        ])
+        .execute(params![e.0, e.1, e.2, e.3, e.4, e.5])
         .map_err(err(op))?;
     }
-    for x in &ingest.executions {
+    for x in &rows.executions {
         insert_execution(conn, x)?;
     }
     Ok(IngestOutcome::Stored)
@@ -662,7 +737,8 @@ impl Store for SqliteStore {
     }
 
     async fn ingest(&self, ingest: Ingest) -> Result<IngestOutcome, StoreError> {
-        self.write(move |conn| ingest_tx(conn, &ingest)).await
+        let rows = encode_ingest(ingest)?;
+        self.write(move |conn| ingest_tx(conn, &rows)).await
     }
 
     async fn get_trigger_instance(&self, id: &str) -> Result<Option<TriggerInstance>, StoreError> {
@@ -754,7 +830,8 @@ impl Store for SqliteStore {
     }
 
     async fn create_execution(&self, new: NewExecution) -> Result<(), StoreError> {
-        self.write(move |conn| insert_execution(conn, &new)).await
+        let row = encode_exec(new)?;
+        self.write(move |conn| insert_execution(conn, &row)).await
     }
 
     async fn claim_executions(

@@ -6,6 +6,8 @@
 //! Run the throughput figures with `cargo test -p aviary-store --test
 //! store_suite throughput -- --nocapture`.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
