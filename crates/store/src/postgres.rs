@@ -278,9 +278,10 @@ impl PgStore {
         Ok(store)
     }
 
-    /// Boxed with an explicit `Send` bound: without it, the compiler cannot
-    /// prove the future `Send` for every lifetime when callers `tokio::spawn`
-    /// [`crate::open`] (rust-lang/rust#96865 with sqlx executors).
+    /// Boxed with an explicit `Send` bound so that `tokio::spawn(open(..))`
+    /// type-checks (sqlx executor futures trip the compiler's higher-ranked
+    /// `Send` inference; see rust-lang/rust#96865). Note: `RawSql::execute`
+    /// must not be used here for the same reason; `Executor::execute` is.
     fn migrate<'a>(&'a self, schema: Option<&'a str>) -> BoxedFuture<'a, ()> {
         Box::pin(async move {
             let op = "migrating the schema";

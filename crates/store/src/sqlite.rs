@@ -322,8 +322,13 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
     tracing::debug!("SQLite writer thread stopping: store dropped");
 }
 
+/// Runs a parameterless statement through the statement cache.
+fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
 fn run_batch(conn: &Connection, mut batch: Vec<Job>) {
-    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+    if let Err(e) = exec_cached(conn, "BEGIN IMMEDIATE") {
         let e = map_err("starting a write transaction", e);
         for job in batch {
             job.finish(Some(e.clone()));
@@ -331,22 +336,22 @@ fn run_batch(conn: &Connection, mut batch: Vec<Job>) {
         return;
     }
     for job in batch.iter_mut() {
-        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+        if let Err(e) = exec_cached(conn, "SAVEPOINT job") {
             // Cannot isolate this job: fail it without running it.
             job.fail(map_err("starting a savepoint", e));
             continue;
         }
         let ok = job.run(conn);
         let end = if ok {
-            "RELEASE job"
+            exec_cached(conn, "RELEASE job")
         } else {
-            "ROLLBACK TO job; RELEASE job"
+            exec_cached(conn, "ROLLBACK TO job").and_then(|()| exec_cached(conn, "RELEASE job"))
         };
-        if let Err(e) = conn.execute_batch(end) {
+        if let Err(e) = end {
             tracing::error!(error = %e, "SQLite savepoint cleanup failed");
         }
     }
-    match conn.execute_batch("COMMIT") {
+    match exec_cached(conn, "COMMIT") {
         Ok(()) => {
             for job in batch {
                 job.finish(None);
