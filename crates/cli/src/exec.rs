@@ -94,7 +94,11 @@ pub(crate) async fn run_action(
         return Ok(EXIT_OK);
     }
 
-    let show = !console.json;
+    let show = if console.json {
+        Show::Nothing
+    } else {
+        Show::Raw
+    };
     let mut follower = Follower::new(&execution.id, show);
     let done = match args.timeout {
         Some(secs) => {
@@ -151,16 +155,27 @@ fn print_summary(
 }
 
 /// Follows one execution's output to its end, deduplicating chunks by `seq`.
+/// How a follower shows output chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Show {
+    /// Not at all (only the final execution matters).
+    Nothing,
+    /// As written: stdout chunks to stdout, stderr chunks to stderr.
+    Raw,
+    /// Each chunk as one compact JSON object per stdout line.
+    JsonLines,
+}
+
 struct Follower {
     id: String,
-    show: bool,
+    show: Show,
     last_seq: Option<i64>,
     printed_any: bool,
     at_line_start: bool,
 }
 
 impl Follower {
-    fn new(id: &str, show: bool) -> Self {
+    fn new(id: &str, show: Show) -> Self {
         Self {
             id: id.to_string(),
             show,
@@ -184,8 +199,14 @@ impl Follower {
             return Ok(());
         }
         self.last_seq = Some(chunk.seq);
-        if !self.show || chunk.data.is_empty() {
-            return Ok(());
+        match self.show {
+            Show::Nothing => return Ok(()),
+            Show::JsonLines => {
+                let line = serde_json::to_string(chunk).unwrap_or_default();
+                return console.print(&format!("{line}\n"));
+            }
+            Show::Raw if chunk.data.is_empty() => return Ok(()),
+            Show::Raw => {}
         }
         self.printed_any = true;
         if chunk.stream == "stderr" {
@@ -352,24 +373,14 @@ pub(crate) async fn execution(
             Ok(EXIT_OK)
         }
         ExecutionCmd::Tail { id } => {
-            let mut f = Follower::new(&id, !console.json);
+            // Scripts (--json) get the chunks, one JSON object per line.
+            let mode = if console.json {
+                Show::JsonLines
+            } else {
+                Show::Raw
+            };
+            let mut f = Follower::new(&id, mode);
             let (exec, _) = f.get(api).await?;
-            if console.json {
-                // Scripts get the chunks, one JSON object per line.
-                let q = Vec::new();
-                let body = if exec.status.is_terminal() {
-                    api.get(&["executions", &id, "output"], &q).await?
-                } else {
-                    let (_, _) = f.follow(api, console).await?;
-                    api.get(&["executions", &id, "output"], &q).await?
-                };
-                let chunks: Vec<Value> = api.decode(body, "the execution output")?;
-                for c in chunks {
-                    console.print(&format!("{c}\n"))?;
-                }
-                let (exec, _) = f.get(api).await?;
-                return Ok(exit_for(exec.status));
-            }
             let exec = if exec.status.is_terminal() {
                 f.backfill(api, console).await?;
                 exec
@@ -377,11 +388,13 @@ pub(crate) async fn execution(
                 f.follow(api, console).await?.0
             };
             f.end_line(console)?;
-            console.eprint(&format!(
-                "execution {} {}\n",
-                exec.id,
-                format::status(exec.status, false)
-            ))?;
+            if !console.json {
+                console.eprint(&format!(
+                    "execution {} {}\n",
+                    exec.id,
+                    format::status(exec.status, false)
+                ))?;
+            }
             Ok(exit_for(exec.status))
         }
         ExecutionCmd::Cancel { id } => {

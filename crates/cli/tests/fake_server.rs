@@ -729,3 +729,166 @@ async fn rules_actions_trigger_instances_and_audit() {
     );
     assert_eq!(log.find("GET", "/api/v1/audit").query, "limit=5");
 }
+
+#[tokio::test]
+async fn tail_follows_a_running_execution_as_json_lines() {
+    let router = Router::new()
+        .route(
+            "/api/v1/executions/{id}",
+            get(|Path(id): Path<String>| async move { Json(execution(&id, "running")) }),
+        )
+        .route(
+            "/api/v1/executions/{id}/output",
+            get(|| async { Json(json!([])) }),
+        )
+        .route(
+            "/api/v1/executions/{id}/stream",
+            get(|| async {
+                sse(vec![
+                    ("output", chunk(0, "stdout", "a\n")),
+                    ("output", chunk(1, "stderr", "b\n")),
+                    ("end", execution("ex7", "succeeded")),
+                ])
+            }),
+        );
+    let (url, _) = serve(router).await;
+    let o = cli(&url, &["execution", "tail", "ex7", "--json"]).await;
+    assert_eq!(o.exit(), 0, "{}", o.err);
+    let lines: Vec<Value> = o
+        .out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{}", o.out);
+    assert_eq!(lines[0]["data"], "a\n");
+    assert_eq!(lines[1]["stream"], "stderr");
+
+    let o = cli(&url, &["execution", "tail", "ex7"]).await;
+    assert_eq!((o.out.as_str(), o.exit()), ("a\n", 0));
+    assert!(o.err.starts_with("b\nexecution ex7 succeeded"), "{}", o.err);
+}
+
+#[tokio::test]
+async fn a_stream_that_breaks_off_falls_back_to_polling() {
+    let router = Router::new()
+        .route(
+            "/api/v1/executions",
+            post(|| async { (StatusCode::CREATED, Json(execution("ex10", "running"))) }),
+        )
+        .route(
+            "/api/v1/executions/{id}",
+            get(|Path(id): Path<String>| async move { Json(execution(&id, "canceled")) }),
+        )
+        .route(
+            "/api/v1/executions/{id}/output",
+            get(|| async {
+                Json(json!([
+                    chunk(0, "stdout", "x\n"),
+                    chunk(1, "stdout", "y\n")
+                ]))
+            }),
+        )
+        // Sends the first chunk again, then ends without an `end` event.
+        .route(
+            "/api/v1/executions/{id}/stream",
+            get(|| async { sse(vec![("output", chunk(0, "stdout", "x\n"))]) }),
+        );
+    let (url, _) = serve(router).await;
+    let o = cli(&url, &["run", "core.local", "cmd=x"]).await;
+    assert_eq!(o.exit(), 1, "canceled is a failure");
+    assert!(o.out.starts_with("x\ny\nid:"), "{}", o.out);
+    assert!(o.out.contains("status:   canceled"), "{}", o.out);
+}
+
+#[tokio::test]
+async fn run_timeout_stops_waiting_but_not_the_execution() {
+    let router = Router::new()
+        .route(
+            "/api/v1/executions",
+            post(|| async { (StatusCode::CREATED, Json(execution("ex11", "running"))) }),
+        )
+        .route(
+            "/api/v1/executions/{id}/output",
+            get(|| async { Json(json!([])) }),
+        )
+        .route(
+            "/api/v1/executions/{id}/stream",
+            get(|| async {
+                let first = futures::stream::iter(vec![Ok::<_, Infallible>(
+                    Event::default()
+                        .event("output")
+                        .data(chunk(0, "stdout", "working").to_string()),
+                )]);
+                Sse::new(futures::StreamExt::chain(first, futures::stream::pending()))
+            }),
+        );
+    let (url, log) = serve(router).await;
+    let o = cli(
+        &url,
+        &["run", "core.local", "cmd=sleep 100", "--timeout", "1"],
+    )
+    .await;
+    assert_eq!(o.exit(), 1);
+    assert_eq!(o.out, "working\n");
+    assert!(o.err.contains("stopped waiting after 1s"), "{}", o.err);
+    assert!(o.err.contains("aviary execution tail ex11"), "{}", o.err);
+    assert!(!log.all().iter().any(|r| r.path.ends_with("/cancel")));
+}
+
+#[tokio::test]
+async fn conflicts_and_plain_text_errors_are_api_errors() {
+    let router = Router::new()
+        .route(
+            "/api/v1/executions/{id}/cancel",
+            post(|| async {
+                (
+                    StatusCode::CONFLICT,
+                    Json(json!({"error": "execution ex1 already succeeded; nothing to cancel"})),
+                )
+            }),
+        )
+        .route(
+            "/api/v1/tokens",
+            get(|| async { (StatusCode::BAD_GATEWAY, "upstream down") }),
+        );
+    let (url, _) = serve(router).await;
+    let o = cli(&url, &["execution", "cancel", "ex1"]).await;
+    assert_eq!(o.exit(), 2);
+    assert_eq!(
+        o.error(),
+        "the server rejected the request (409): execution ex1 already succeeded; nothing to cancel"
+    );
+    let o = cli(&url, &["token", "list"]).await;
+    assert_eq!(o.exit(), 2);
+    assert!(o.error().contains("(502): upstream down"), "{}", o.error());
+}
+
+#[tokio::test]
+async fn missing_token_hint_says_where_to_put_one() {
+    let router = Router::new().route(
+        "/api/v1/audit",
+        get(|| async {
+            (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({"error": "no token given"})),
+            )
+        }),
+    );
+    let (url, log) = serve(router).await;
+    let o = cli_with(Endpoint::new(url.as_str(), None), &["audit"]).await;
+    assert_eq!(o.exit(), 3);
+    assert!(
+        o.error().contains("no token was found; set AVIARY_TOKEN"),
+        "{}",
+        o.error()
+    );
+    assert_eq!(log.all()[0].auth, None);
+}
+
+#[test]
+fn run_is_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    let cli = Cli::try_parse_from(["aviary", "audit"]).unwrap();
+    let fut = aviary_cli::run(cli.global, cli.cmd);
+    assert_send(&fut);
+}
