@@ -85,32 +85,93 @@ pub fn postrm(script: &[u8], delimiter: &str) -> Option<String> {
 }
 
 /// `/usr/share/doc/<name>/copyright`.
-pub fn copyright(meta: &PackageMetadata, license_text: Option<&str>) -> String {
+///
+/// A declared license that Debian ships in `/usr/share/common-licenses` is
+/// referred to there (lintian wants that instead of a full copy); otherwise
+/// the repository's LICENSE/COPYING text, if any, is appended.
+pub fn copyright(meta: &PackageMetadata, license_text: Option<&str>, year: i64) -> String {
+    let common = meta
+        .license
+        .as_deref()
+        .and_then(common_license)
+        .or_else(|| license_text.and_then(common_license_from_text));
     let mut c = format!(
         "{name}\n\nThis package was built by Aviary from the {name} application repository.\n\n\
-         Copyright: the authors of {name}; packaged by {maint}.\n\
+         Copyright: (C) {year} the authors of {name}; packaged by {maint}.\n\
          License: {license}\n",
         name = meta.name,
         maint = meta.maintainer,
         license = meta
             .license
             .as_deref()
+            .or(common)
             .unwrap_or("see the application repository"),
     );
-    if let Some(text) = license_text {
-        c.push_str("\nLicense text, from the repository:\n\n");
-        c.push_str(text);
-        if !text.ends_with('\n') {
-            c.push('\n');
+    match (common, license_text) {
+        (Some(file), _) => c.push_str(&format!(
+            "\nOn Debian systems, the complete text of this license can be found in\n\
+             /usr/share/common-licenses/{file}.\n"
+        )),
+        (None, Some(text)) => {
+            c.push_str("\nLicense text, from the repository:\n\n");
+            c.push_str(text);
+            if !text.ends_with('\n') {
+                c.push('\n');
+            }
         }
+        (None, None) => {}
     }
     c
+}
+
+/// The `/usr/share/common-licenses` file of a license name (SPDX or Debian).
+pub fn common_license(name: &str) -> Option<&'static str> {
+    let n = name.trim().to_ascii_lowercase();
+    let n = n
+        .trim_end_matches("-only")
+        .trim_end_matches("-or-later")
+        .trim_end_matches('+');
+    Some(match n {
+        "apache-2.0" | "apache-2" | "apache 2.0" | "apache license 2.0" | "asl 2.0" => "Apache-2.0",
+        "gpl-2" | "gpl-2.0" | "gplv2" => "GPL-2",
+        "gpl-3" | "gpl-3.0" | "gplv3" => "GPL-3",
+        "lgpl-2" | "lgpl-2.0" => "LGPL-2",
+        "lgpl-2.1" => "LGPL-2.1",
+        "lgpl-3" | "lgpl-3.0" => "LGPL-3",
+        "mpl-1.1" => "MPL-1.1",
+        "mpl-2.0" => "MPL-2.0",
+        "cc0-1.0" | "cc0" => "CC0-1.0",
+        "artistic" | "artistic-1.0" => "Artistic",
+        "gfdl-1.2" => "GFDL-1.2",
+        "gfdl-1.3" => "GFDL-1.3",
+        _ => return None,
+    })
+}
+
+/// Recognizes the full text of the licenses lintian looks for.
+fn common_license_from_text(text: &str) -> Option<&'static str> {
+    let head: String = text.chars().take(2000).collect::<String>().to_ascii_lowercase();
+    if head.contains("apache license") && head.contains("version 2.0") {
+        Some("Apache-2.0")
+    } else if head.contains("gnu lesser general public license") && head.contains("version 3") {
+        Some("LGPL-3")
+    } else if head.contains("gnu lesser general public license") && head.contains("version 2.1") {
+        Some("LGPL-2.1")
+    } else if head.contains("gnu general public license") && head.contains("version 3") {
+        Some("GPL-3")
+    } else if head.contains("gnu general public license") && head.contains("version 2") {
+        Some("GPL-2")
+    } else if head.contains("mozilla public license") && head.contains("version 2.0") {
+        Some("MPL-2.0")
+    } else {
+        None
+    }
 }
 
 /// `changelog.Debian` (uncompressed), one entry for this build.
 pub fn changelog(meta: &PackageMetadata, version: &str, commit: Option<&str>, mtime: u64) -> String {
     let what = match commit {
-        Some(c) => format!("Automated build by Aviary of commit {c}."),
+        Some(c) => format!("Automated build by Aviary.\n  * Commit {c}."),
         None => "Automated build by Aviary.".to_owned(),
     };
     format!(
@@ -128,6 +189,11 @@ pub fn lintian_overrides(name: &str) -> String {
          # software, which is what /opt is for (FHS 3.13).\n\
          {name}: dir-or-file-in-opt\n"
     )
+}
+
+/// The year (UTC) of a timestamp.
+pub fn year(secs: u64) -> i64 {
+    civil_from_days((secs / 86_400) as i64).0
 }
 
 /// Formats seconds since the epoch as an RFC 2822 date in UTC.

@@ -273,7 +273,7 @@ pub fn read_metadata(repo_dir: &Path) -> Result<PackageMetadata, DebError> {
 
     let description = match pick(yaml.description, fpm.description, &yaml_origin, &fpm_origin) {
         Some((d, _)) if !d.trim().is_empty() => d,
-        _ => readme_first_line(repo_dir).unwrap_or_else(|| format!("{name} application")),
+        _ => default_synopsis(readme_first_line(repo_dir), &name),
     };
     let (synopsis, extended_description) = split_description(&description, &name);
 
@@ -590,6 +590,26 @@ fn split_description(description: &str, name: &str) -> (String, Vec<String>) {
     (synopsis, extended)
 }
 
+/// The synopsis used when none is declared: the README's first line, made
+/// lintian-clean (a synopsis must not start with the package name).
+fn default_synopsis(readme: Option<String>, name: &str) -> String {
+    match readme {
+        Some(line) => {
+            let lower = line.to_ascii_lowercase();
+            let starts_with_name = lower.starts_with(name)
+                && !lower[name.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_');
+            let normalized_name = name.replace(['-', '_'], " ");
+            let normalized_line = lower.replace(['-', '_', '/', '\\'], " ");
+            if starts_with_name || normalized_line == normalized_name {
+                format!("Application: {line}")
+            } else {
+                line
+            }
+        }
+        None => format!("Application {name}, packaged by Aviary"),
+    }
+}
+
 /// First meaningful line of the repository's README, if any.
 fn readme_first_line(repo_dir: &Path) -> Option<String> {
     for candidate in [
@@ -755,6 +775,19 @@ mod tests {
         assert_eq!(e, vec!["Long text", ".", "more"]);
         let (_, e) = split_description("Only", "x");
         assert_eq!(e.len(), 1);
+    }
+
+    #[test]
+    fn default_synopsis_avoids_the_package_name() {
+        assert_eq!(default_synopsis(None, "app"), "Application app, packaged by Aviary");
+        assert_eq!(
+            default_synopsis(Some("Seatshare books seats".into()), "seatshare"),
+            "Application: Seatshare books seats"
+        );
+        assert_eq!(
+            default_synopsis(Some("Seatshares".into()), "seatshare"),
+            "Seatshares"
+        );
     }
 
     #[test]

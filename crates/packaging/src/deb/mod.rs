@@ -200,7 +200,7 @@ pub fn build(req: &BuildRequest) -> Result<BuiltPackage, DebError> {
     };
     plan.insert(
         &format!("{doc}/copyright"),
-        generated(control::copyright(&meta, license_text.as_deref()).into_bytes()),
+        generated(control::copyright(&meta, license_text.as_deref(), control::year(mtime)).into_bytes()),
     )?;
     let changelog = control::changelog(&meta, &version, req.commit.as_deref(), mtime);
     plan.insert(
