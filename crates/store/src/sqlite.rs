@@ -163,6 +163,10 @@ pub(crate) fn conflict_what(detail: &str) -> String {
             "trigger_instances.dedup_key",
             "a trigger instance with this dedup key",
         ),
+        (
+            "trigger_instances_dedup_key",
+            "a trigger instance with this dedup key",
+        ),
         ("trigger_instances", "a trigger instance with this id"),
         ("enforcements", "an enforcement with this id"),
         ("executions", "an execution with this id"),
