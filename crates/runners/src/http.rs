@@ -1,8 +1,8 @@
 //! The `http-request` runner: one HTTP request with reqwest.
 //!
 //! Parameters: `url` (required), `method` (GET), `headers` (object), `body`
-//! (string; JSON text gets `application/json` unless a content type is
-//! given; objects and arrays are sent as JSON), `params` (query, object),
+//! (string; JSON object/array text gets `application/json` unless a content
+//! type is given; objects and arrays are sent as JSON), `params` (query, object),
 //! `timeout`, `verify_ssl_cert` (true), `allow_redirects` (false),
 //! `username`/`password` (basic auth). Result: `{"status_code", "headers",
 //! "body"}`, the body parsed when the response is JSON, capped at 1 MiB.
@@ -215,7 +215,11 @@ fn build_request(
     match req.parameters.get("body") {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) => {
-            if !has_content_type && serde_json::from_str::<Value>(s).is_ok() {
+            let is_json_doc = matches!(
+                serde_json::from_str::<Value>(s),
+                Ok(Value::Object(_) | Value::Array(_))
+            );
+            if !has_content_type && is_json_doc {
                 headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             }
             builder = builder.body(s.clone());

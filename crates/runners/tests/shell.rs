@@ -340,6 +340,13 @@ printf 's3'; printf 'cret-value'; printf '\n'"#;
         );
     }
 
+    // A multi-line secret written in two pieces.
+    let mut req = cmd_request("printf 'x ab\\n'; sleep 0.3; printf 'cd y\\n'", dir.path());
+    req.secrets = vec!["ab\ncd".into()];
+    let (out, events) = run_collect(req).await;
+    assert_eq!(joined(&events, Stream::Stdout), format!("x {MASK} y\n"));
+    assert_eq!(out.result["stdout"], format!("x {MASK} y"));
+
     // Secrets inside parsed JSON output, even when JSON-escaped.
     let mut req = cmd_request(r#"echo '{"token": "p\"w", "n": 1}'"#, dir.path());
     req.secrets = vec!["p\"w".into()];
@@ -475,4 +482,37 @@ async fn bad_parameters_are_reported() {
     let (out, _) = run_collect(req).await;
     assert_eq!(out.status, ExecutionStatus::Failed);
     assert!(out.result["error"].as_str().unwrap().contains("env"));
+}
+
+#[tokio::test]
+async fn dropping_the_run_kills_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let req = cmd_request("sleep 1000 & echo $!; wait", dir.path());
+    let (tx, mut rx) = unbounded_channel();
+    let task = tokio::spawn(run(req, tx, CancellationToken::new()));
+    let seen = wait_for_stdout(&mut rx, "\n").await;
+    task.abort();
+    let _ = task.await;
+    let pid: i32 = seen.trim().parse().unwrap();
+    assert_dies(pid).await;
+}
+
+#[tokio::test]
+async fn a_dropped_output_receiver_is_fine() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, rx) = unbounded_channel();
+    drop(rx);
+    let out = run(
+        cmd_request("seq 1 1000", dir.path()),
+        tx,
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(out.status, ExecutionStatus::Succeeded);
+    assert!(
+        out.result["stdout"]
+            .as_str()
+            .unwrap()
+            .ends_with("999\n1000")
+    );
 }
