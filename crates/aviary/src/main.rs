@@ -143,6 +143,6 @@ fn main() -> ExitCode {
 }
 
 async fn client(global: aviary_cli::GlobalArgs, cmd: aviary_cli::Command) -> anyhow::Result<ExitCode> {
-    let code = aviary_cli::run(global, cmd).await?;
+    let code = aviary_cli::run_and_report(global, cmd).await;
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }

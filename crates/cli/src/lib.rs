@@ -75,8 +75,9 @@ aviary run core.echo message=hi --json | jq .result"
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCmd),
-    /// List or reload packs.
-    #[command(subcommand)]
+    /// List or reload packs. Not parsed here: the binary's `aviary pack`
+    /// (which adds the offline `validate`) builds this variant.
+    #[command(skip)]
     Pack(PackCmd),
     /// Show the audit trail (who did what).
     Audit(AuditArgs),

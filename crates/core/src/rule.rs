@@ -364,7 +364,7 @@ fn check_trigger(check: &mut FileCheck<'_>, trigger: &YamlNode, kind: &str, kind
     };
     match kind {
         WEBHOOK_TRIGGER => {
-            if check.check_keys(params, pfield, &["url"], &[])
+            if check.check_keys(params, pfield, &["url", "secret"], &[])
                 && let Some((url, node)) = check.string(params, "url", pfield, true)
             {
                 let path = url.trim_start_matches('/');

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use aviary_core::action::ActionMeta;
+use aviary_core::criteria::CompiledCriteria;
 use aviary_core::diagnostic::{Diagnostic, Diagnostics};
 use aviary_core::model::WEBHOOK_TRIGGER;
 use aviary_core::pack::{Pack, SourceFile, core_pack, load_pack};
@@ -46,6 +47,8 @@ pub struct Registry {
     pub pack_dirs: HashMap<String, PathBuf>,
     /// Every rule, in load order.
     pub rules: Vec<Arc<Rule>>,
+    /// Each rule's criteria, compiled once (same order as `rules`).
+    pub compiled: Vec<CompiledCriteria>,
     /// Rules by trigger type (indexes into `rules`).
     pub by_trigger: HashMap<String, Vec<usize>>,
     /// Webhook rules by webhook URL (indexes into `rules`).
@@ -159,6 +162,20 @@ impl Registry {
                     )),
                 });
             }
+        }
+        for rule in &reg.rules {
+            let compiled = CompiledCriteria::new(&rule.criteria).unwrap_or_else(|e| {
+                problems.push(Diagnostic {
+                    file: rule.file.clone().unwrap_or_default(),
+                    line: 1,
+                    column: 1,
+                    field: "criteria".into(),
+                    message: e.to_string(),
+                    hint: None,
+                });
+                CompiledCriteria::default()
+            });
+            reg.compiled.push(compiled);
         }
         for (idx, rule) in reg.rules.iter().enumerate() {
             reg.by_trigger

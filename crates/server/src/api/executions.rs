@@ -14,6 +14,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
+use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{ApiError, AppState, parse_json};
@@ -171,21 +172,31 @@ pub async fn stream(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Query(q): Query<OutputQuery>,
-) -> Result<Sse<ReceiverStream<Result<SseEvent, Infallible>>>, ApiError> {
+) -> Result<impl axum::response::IntoResponse, ApiError> {
     load(&state, &id).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(256);
     let engine = state.engine.clone();
     let mut last_seq = q.after.unwrap_or(0);
     tokio::spawn(async move {
-        let mut live = engine.output.subscribe(&id);
+        let mut sub = engine.output.subscribe(&id);
         let mut last_status: Option<ExecutionStatus> = None;
         loop {
-            // Catch up from the store (covers output written before we subscribed).
+            // Catch up: the store, then chunks not stored yet (see OutputHub).
             if let Ok(chunks) = engine.store.get_output(&id, last_seq).await {
                 for c in chunks {
                     last_seq = c.seq;
                     if tx.send(Ok(chunk_event(&c))).await.is_err() {
                         return;
+                    }
+                }
+            }
+            if let Some(s) = sub.as_mut() {
+                for c in std::mem::take(&mut s.backlog) {
+                    if c.seq > last_seq {
+                        last_seq = c.seq;
+                        if tx.send(Ok(chunk_event(&c))).await.is_err() {
+                            return;
+                        }
                     }
                 }
             }
@@ -203,7 +214,6 @@ pub async fn stream(
                 }
             }
             if exec.status.is_terminal() {
-                // Anything flushed at the very end.
                 if let Ok(chunks) = engine.store.get_output(&id, last_seq).await {
                     for c in chunks {
                         let _ = tx.send(Ok(chunk_event(&c))).await;
@@ -214,34 +224,32 @@ pub async fn stream(
                     .await;
                 return;
             }
-            if live.is_none() {
-                live = engine.output.subscribe(&id);
+            if sub.is_none() {
+                sub = engine.output.subscribe(&id);
+                if sub.is_some() {
+                    continue;
+                }
             }
-            match live.as_mut() {
-                Some(rx) => {
-                    // Forward live events until the execution ends, then loop to finish.
-                    loop {
-                        match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
-                            Ok(Ok(LiveEvent::Output(c))) => {
-                                if c.seq > last_seq {
-                                    last_seq = c.seq;
-                                    if tx.send(Ok(chunk_event(&c))).await.is_err() {
-                                        return;
-                                    }
+            match sub.as_mut() {
+                Some(s) => loop {
+                    match tokio::time::timeout(Duration::from_secs(1), s.live.recv()).await {
+                        Ok(Ok(LiveEvent::Output(c))) => {
+                            if c.seq > last_seq {
+                                last_seq = c.seq;
+                                if tx.send(Ok(chunk_event(&c))).await.is_err() {
+                                    return;
                                 }
                             }
-                            Ok(Ok(LiveEvent::Status(_))) => break,
-                            Ok(Ok(LiveEvent::End)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
-                                live = None;
-                                // Give the runner a moment to record the final state.
-                                tokio::time::sleep(Duration::from_millis(20)).await;
-                                break;
-                            }
-                            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
-                            Err(_) => break, // periodic re-check
                         }
+                        Ok(Ok(LiveEvent::Status(_))) => break,
+                        Ok(Ok(LiveEvent::End)) | Ok(Err(RecvError::Closed)) => {
+                            sub = None;
+                            break;
+                        }
+                        // Lagged: catch up from the store; timeout: re-check the status.
+                        Ok(Err(RecvError::Lagged(_))) | Err(_) => break,
                     }
-                }
+                },
                 None => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }

@@ -314,7 +314,7 @@ pub async fn create_token(c: Caller, State(state): State<AppState>, body: Bytes)
     }
     let role = body.role.unwrap_or_else(|| "admin".into());
     let (secret, t) = make_token(state.engine.store.as_ref(), &body.name, &role).await.map_err(|e| match e {
-        aviary_store::StoreError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, format!("a token named '{}' exists; revoke it first or pick another name", body.name)),
+        aviary_store::StoreError::Conflict { .. } => ApiError::new(StatusCode::CONFLICT, format!("a token named '{}' exists; revoke it first or pick another name", body.name)),
         other => ApiError::from(other),
     })?;
     audit(&state, &c.name, "token.create", &t.name, json!({"id": t.id, "role": t.role})).await;

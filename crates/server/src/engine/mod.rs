@@ -18,7 +18,6 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use aviary_core::action::ActionMeta;
-use aviary_core::criteria;
 use aviary_core::model::{
     Enforcement, Execution, ExecutionStatus, KvScope, TriggerInstance, TriggerInstanceStatus,
     new_id,
@@ -57,7 +56,7 @@ pub struct Engine {
     /// Executions running here, by id, with the token that cancels them.
     pub running: std::sync::Mutex<HashMap<String, tokio_util::sync::CancellationToken>>,
     /// Live output of executions running here.
-    pub output: output::OutputHub,
+    pub output: Arc<output::OutputHub>,
     /// Woken whenever the registry changes (timers re-plan).
     pub registry_changed: Notify,
 }
@@ -135,27 +134,33 @@ impl Engine {
             dedup_key: event.dedup_key,
             status: TriggerInstanceStatus::Processed,
         };
-        let candidates: Vec<&Arc<Rule>> = match (&event.webhook_url, &event.only_rule) {
-            (_, Some(only)) => registry.rule(only).into_iter().collect(),
-            (Some(url), None) => registry
-                .webhooks
-                .get(url)
-                .map(|ids| ids.iter().map(|&i| &registry.rules[i]).collect())
-                .unwrap_or_default(),
+        let only: Vec<usize>;
+        let candidates: &[usize] = match (&event.webhook_url, &event.only_rule) {
+            (_, Some(reference)) => {
+                only = registry
+                    .rules
+                    .iter()
+                    .position(|r| &r.reference() == reference)
+                    .into_iter()
+                    .collect();
+                &only
+            }
+            (Some(url), None) => registry.webhooks.get(url).map(Vec::as_slice).unwrap_or_default(),
             (None, None) => registry
                 .by_trigger
                 .get(&event.trigger)
-                .map(|ids| ids.iter().map(|&i| &registry.rules[i]).collect())
+                .map(Vec::as_slice)
                 .unwrap_or_default(),
         };
         let ctx = json!({ "trigger": ti.payload });
         let mut enforcements = Vec::new();
         let mut executions = Vec::new();
-        for rule in candidates {
+        for &idx in candidates {
+            let rule = &registry.rules[idx];
             if !self.rule_enabled(rule) {
                 continue;
             }
-            if criteria::evaluate_all(&rule.criteria, &ctx, now).is_err() {
+            if registry.compiled[idx].evaluate(&ctx, now).is_err() {
                 continue;
             }
             let mut enforcement = Enforcement {

@@ -1,6 +1,10 @@
 //! Live output: chunks from a running action go to subscribers at once (a
 //! broadcast channel per execution) and to the store in small batches, so
 //! `tail` works while it runs and after it ended.
+//!
+//! Chunks not yet in the store stay in the hub until their write completes;
+//! a new subscriber gets them as a backlog together with its receiver, so
+//! store + backlog + live events never miss a chunk.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,47 +32,79 @@ pub enum LiveEvent {
     End,
 }
 
+struct Channel {
+    tx: broadcast::Sender<LiveEvent>,
+    unflushed: Vec<OutputChunk>,
+}
+
 /// Broadcast channels of executions running on this server.
 #[derive(Default)]
 pub struct OutputHub {
-    channels: Mutex<HashMap<String, broadcast::Sender<LiveEvent>>>,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+/// A subscription: chunks not yet stored, then live events.
+pub struct Subscription {
+    /// Chunks sent before subscribing that may not be in the store yet.
+    pub backlog: Vec<OutputChunk>,
+    /// Everything after.
+    pub live: broadcast::Receiver<LiveEvent>,
 }
 
 impl OutputHub {
     /// Opens the channel of an execution that starts.
-    pub fn open(&self, id: &str) -> broadcast::Sender<LiveEvent> {
+    pub fn open(&self, id: &str) {
         let (tx, _) = broadcast::channel(1024);
         if let Ok(mut map) = self.channels.lock() {
-            map.insert(id.to_string(), tx.clone());
+            map.insert(id.to_string(), Channel { tx, unflushed: Vec::new() });
         }
-        tx
     }
 
     /// Subscribes to a running execution, if it runs here.
-    pub fn subscribe(&self, id: &str) -> Option<broadcast::Receiver<LiveEvent>> {
-        self.channels
-            .lock()
-            .ok()
-            .and_then(|m| m.get(id).map(|tx| tx.subscribe()))
+    pub fn subscribe(&self, id: &str) -> Option<Subscription> {
+        let map = self.channels.lock().ok()?;
+        let ch = map.get(id)?;
+        Some(Subscription { backlog: ch.unflushed.clone(), live: ch.tx.subscribe() })
+    }
+
+    /// Sends an event to subscribers.
+    pub fn send(&self, id: &str, event: LiveEvent) {
+        if let Ok(mut map) = self.channels.lock() {
+            if let Some(ch) = map.get_mut(id) {
+                if let LiveEvent::Output(chunk) = &event {
+                    ch.unflushed.push(chunk.clone());
+                }
+                let _ = ch.tx.send(event);
+            }
+        }
+    }
+
+    /// Forgets chunks up to `seq`: they are in the store now.
+    fn flushed(&self, id: &str, seq: i64) {
+        if let Ok(mut map) = self.channels.lock() {
+            if let Some(ch) = map.get_mut(id) {
+                ch.unflushed.retain(|c| c.seq > seq);
+            }
+        }
     }
 
     /// Closes the channel of an execution that ended.
     pub fn close(&self, id: &str) {
         if let Ok(mut map) = self.channels.lock() {
-            if let Some(tx) = map.remove(id) {
-                let _ = tx.send(LiveEvent::End);
+            if let Some(ch) = map.remove(id) {
+                let _ = ch.tx.send(LiveEvent::End);
             }
         }
     }
 }
 
-/// Moves runner output into the broadcast channel and the store until the
-/// runner drops its sender; returns when everything is flushed.
+/// Moves runner output into the hub and the store until the runner drops
+/// its sender; returns when everything is flushed.
 pub async fn pump(
     store: Arc<dyn Store>,
+    hub: Arc<OutputHub>,
     execution_id: String,
     mut rx: mpsc::UnboundedReceiver<OutputEvent>,
-    live: broadcast::Sender<LiveEvent>,
 ) {
     let mut seq: i64 = 0;
     let mut pending: Vec<OutputChunk> = Vec::new();
@@ -88,30 +124,31 @@ pub async fn pump(
                     at: Utc::now(),
                 };
                 pending_bytes += chunk.data.len();
-                let _ = live.send(LiveEvent::Output(chunk.clone()));
+                hub.send(&execution_id, LiveEvent::Output(chunk.clone()));
                 pending.push(chunk);
                 if pending_bytes >= FLUSH_BYTES {
-                    flush(&store, &mut pending).await;
+                    flush(&store, &hub, &execution_id, &mut pending).await;
                     pending_bytes = 0;
                 }
             }
             _ = tick.tick() => {
                 if !pending.is_empty() {
-                    flush(&store, &mut pending).await;
+                    flush(&store, &hub, &execution_id, &mut pending).await;
                     pending_bytes = 0;
                 }
             }
         }
     }
-    flush(&store, &mut pending).await;
+    flush(&store, &hub, &execution_id, &mut pending).await;
 }
 
-async fn flush(store: &Arc<dyn Store>, pending: &mut Vec<OutputChunk>) {
-    if pending.is_empty() {
+async fn flush(store: &Arc<dyn Store>, hub: &OutputHub, id: &str, pending: &mut Vec<OutputChunk>) {
+    let Some(last) = pending.last().map(|c| c.seq) else {
         return;
-    }
+    };
     let chunks = std::mem::take(pending);
-    if let Err(e) = store.append_output(chunks).await {
-        tracing::warn!(error = %e, "could not store execution output");
+    match store.append_output(chunks).await {
+        Ok(()) => hub.flushed(id, last),
+        Err(e) => tracing::warn!(error = %e, "could not store execution output"),
     }
 }

@@ -129,13 +129,13 @@ async fn run_one(engine: &Engine, new: NewExecution) {
     if let Ok(mut running) = engine.running.lock() {
         running.insert(id.clone(), cancel.clone());
     }
-    let live = engine.output.open(&id);
-    let _ = live.send(LiveEvent::Status(ExecutionStatus::Running));
+    engine.output.open(&id);
+    engine.output.send(&id, LiveEvent::Status(ExecutionStatus::Running));
     let work_dir = engine.config.data_dir.join("work").join(&id);
     let outcome = match prepare_request(engine, &registry.pack_dirs, &action, &exec, params, secrets, &work_dir) {
         Ok(req) => {
             let (tx, rx) = mpsc::unbounded_channel();
-            let pump_task = tokio::spawn(pump(engine.store.clone(), id.clone(), rx, live.clone()));
+            let pump_task = tokio::spawn(pump(engine.store.clone(), engine.output.clone(), id.clone(), rx));
             let outcome = run(req, tx, cancel.clone()).await;
             let _ = pump_task.await;
             Some(outcome)
@@ -149,7 +149,7 @@ async fn run_one(engine: &Engine, new: NewExecution) {
     if let Some(outcome) = outcome {
         let status = if cancel.is_cancelled() { ExecutionStatus::Canceled } else { outcome.status };
         finish(engine, &id, &[ExecutionStatus::Running, ExecutionStatus::Canceling], status, outcome.result).await;
-        let _ = live.send(LiveEvent::Status(status));
+        engine.output.send(&id, LiveEvent::Status(status));
     }
     if let Ok(mut running) = engine.running.lock() {
         running.remove(&id);
