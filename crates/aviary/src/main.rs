@@ -102,7 +102,10 @@ fn validate(dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
     match aviary_server::packs::Registry::load(dirs) {
         Ok(reg) => {
             for p in reg.packs.iter().filter(|p| p.path.is_some()) {
-                println!("ok  {} {} ({} actions, {} rules)", p.name, p.version, p.actions, p.rules);
+                println!(
+                    "ok  {} {} ({} actions, {} rules)",
+                    p.name, p.version, p.actions, p.rules
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -117,7 +120,10 @@ fn validate(dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("aviary: cannot start the async runtime: {e}");
@@ -128,8 +134,20 @@ fn main() -> ExitCode {
         match cli.command {
             Top::Server(args) => server(args).await.map(|_| ExitCode::SUCCESS),
             Top::Pack(PackCommand::Validate { dirs }) => validate(&dirs),
-            Top::Pack(PackCommand::List) => client(cli.global, aviary_cli::Command::Pack(aviary_cli::PackCmd::List)).await,
-            Top::Pack(PackCommand::Reload) => client(cli.global, aviary_cli::Command::Pack(aviary_cli::PackCmd::Reload)).await,
+            Top::Pack(PackCommand::List) => {
+                client(
+                    cli.global,
+                    aviary_cli::Command::Pack(aviary_cli::PackCmd::List),
+                )
+                .await
+            }
+            Top::Pack(PackCommand::Reload) => {
+                client(
+                    cli.global,
+                    aviary_cli::Command::Pack(aviary_cli::PackCmd::Reload),
+                )
+                .await
+            }
             Top::Client(cmd) => client(cli.global, cmd).await,
         }
     });
@@ -142,7 +160,10 @@ fn main() -> ExitCode {
     }
 }
 
-async fn client(global: aviary_cli::GlobalArgs, cmd: aviary_cli::Command) -> anyhow::Result<ExitCode> {
+async fn client(
+    global: aviary_cli::GlobalArgs,
+    cmd: aviary_cli::Command,
+) -> anyhow::Result<ExitCode> {
     let code = aviary_cli::run_and_report(global, cmd).await;
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }

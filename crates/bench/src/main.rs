@@ -120,12 +120,17 @@ fn start_server(args: &Args) -> Result<Server> {
     let _ = std::fs::remove_dir_all(&dir);
     let pack = dir.join("packs/bench");
     std::fs::create_dir_all(pack.join("rules"))?;
-    std::fs::write(pack.join("pack.yaml"), "ref: bench\nname: bench\ndescription: benchmark\nversion: 0.0.1\n")?;
+    std::fs::write(
+        pack.join("pack.yaml"),
+        "ref: bench\nname: bench\ndescription: benchmark\nversion: 0.0.1\n",
+    )?;
     std::fs::write(
         pack.join("rules/push.yaml"),
         "name: push\npack: bench\ntrigger:\n  type: core.st2.webhook\n  parameters:\n    url: github\n    secret: \"{{ st2kv.system.bench_secret }}\"\ncriteria:\n  trigger.headers['X-GitHub-Event']:\n    type: equals\n    pattern: push\n  trigger.body.ref:\n    type: startswith\n    pattern: refs/heads/\naction:\n  ref: core.noop\n",
     )?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let database = match args.backend.as_str() {
         "sqlite" => format!("sqlite:{}", dir.join("data/aviary.db").display()),
         "postgres" => {
@@ -146,15 +151,25 @@ fn start_server(args: &Args) -> Result<Server> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .with_context(|| format!("cannot start {} (build it with cargo build --release)", args.aviary.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot start {} (build it with cargo build --release)",
+                args.aviary.display()
+            )
+        })?;
     let url = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(30);
     let token_path = dir.join("data/admin.token");
     loop {
-        if let Ok(t) = std::fs::read_to_string(&token_path) {
-            if probe::healthy(&format!("{url}/healthz")) {
-                return Ok(Server { child, url, token: t.trim().to_string(), _dir: tempfile_dir::Dir(dir) });
-            }
+        if let Ok(t) = std::fs::read_to_string(&token_path)
+            && probe::healthy(&format!("{url}/healthz"))
+        {
+            return Ok(Server {
+                child,
+                url,
+                token: t.trim().to_string(),
+                _dir: tempfile_dir::Dir(dir),
+            });
         }
         if Instant::now() > deadline {
             bail!("server did not start");
@@ -168,10 +183,20 @@ mod probe {
     /// True when GET `url` answers 200 (plain HTTP on loopback).
     pub fn healthy(url: &str) -> bool {
         use std::io::{Read, Write};
-        let Some(rest) = url.strip_prefix("http://") else { return false };
-        let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
-        let Ok(mut s) = std::net::TcpStream::connect(host) else { return false };
-        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let Some(rest) = url.strip_prefix("http://") else {
+            return false;
+        };
+        let (host, path) = rest
+            .split_once('/')
+            .map(|(h, p)| (h, format!("/{p}")))
+            .unwrap_or((rest, "/".into()));
+        let Ok(mut s) = std::net::TcpStream::connect(host) else {
+            return false;
+        };
+        let _ = write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        );
         let mut buf = String::new();
         let _ = s.read_to_string(&mut buf);
         buf.starts_with("HTTP/1.1 200")
@@ -184,7 +209,10 @@ async fn send(client: &reqwest::Client, url: &str, i: usize) -> Result<Value> {
         .post(format!("{url}/api/v1/webhooks/github"))
         .header("content-type", "application/json")
         .header("X-GitHub-Event", "push")
-        .header("X-GitHub-Delivery", format!("bench-{}-{i}", std::process::id()))
+        .header(
+            "X-GitHub-Delivery",
+            format!("bench-{}-{i}", std::process::id()),
+        )
         .header("X-Hub-Signature-256", sign(&body))
         .body(body)
         .send()
@@ -234,7 +262,9 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let server = start_server(&args)?;
     let pid = server.child.id();
-    let client = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency)
+        .build()?;
     // Store the webhook secret, encrypted.
     let r = client
         .put(format!("{}/api/v1/keys/system/bench_secret", server.url))
@@ -298,14 +328,16 @@ async fn main() -> Result<()> {
         let client = client.clone();
         let url = server.url.clone();
         let sent_us = wall0 + (Instant::now() - t0).as_micros() as i64;
-        sends.push(tokio::spawn(async move { (sent_us, send(&client, &url, base + k).await) }));
+        sends.push(tokio::spawn(async move {
+            (sent_us, send(&client, &url, base + k).await)
+        }));
     }
     let mut ids = Vec::new();
     for s in sends {
-        if let Ok((sent, Ok(v))) = s.await {
-            if let Some(id) = v["executions"][0].as_str() {
-                ids.push((sent, id.to_string()));
-            }
+        if let Ok((sent, Ok(v))) = s.await
+            && let Some(id) = v["executions"][0].as_str()
+        {
+            ids.push((sent, id.to_string()));
         }
     }
     let final_stats = wait_all_done(&client, &server, 50 + args.events as u64 + n as u64).await?;
@@ -325,21 +357,56 @@ async fn main() -> Result<()> {
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
 
     let sent_total = 50 + args.events as u64 + n as u64;
-    println!("aviary webhook benchmark — backend {}, {} cores", args.backend, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
-    println!("throughput: {} signed push webhooks, {} concurrent senders", args.events, args.concurrency);
-    println!("  accepted (2xx) in        {:>8.2} s  ({:.0} events/s)", accepted_at.as_secs_f64(), args.events as f64 / accepted_at.as_secs_f64());
-    println!("  all executions finished  {:>8.2} s  ({:.0} events/s to finished)   target >= 2000 (sqlite)", finished_at.as_secs_f64(), tput);
+    println!(
+        "aviary webhook benchmark — backend {}, {} cores",
+        args.backend,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!(
+        "throughput: {} signed push webhooks, {} concurrent senders",
+        args.events, args.concurrency
+    );
+    println!(
+        "  accepted (2xx) in        {:>8.2} s  ({:.0} events/s)",
+        accepted_at.as_secs_f64(),
+        args.events as f64 / accepted_at.as_secs_f64()
+    );
+    println!(
+        "  all executions finished  {:>8.2} s  ({:.0} events/s to finished)   target >= 2000 (sqlite)",
+        finished_at.as_secs_f64(),
+        tput
+    );
     println!("  send errors              {send_errors}");
-    println!("latency at {} events/s for {} s ({} events, webhook sent -> execution finished):", args.rate, args.seconds, n);
-    println!("  p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms   target p99 <= 25 ms", percentile(&lat, 50.0), percentile(&lat, 99.0), lat.last().copied().unwrap_or(f64::NAN));
-    println!("memory: idle RSS {:.1} MB (target <= 30), peak RSS under load {:.1} MB", idle_rss as f64 / 1024.0, peak_rss as f64 / 1024.0);
+    println!(
+        "latency at {} events/s for {} s ({} events, webhook sent -> execution finished):",
+        args.rate, args.seconds, n
+    );
+    println!(
+        "  p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms   target p99 <= 25 ms",
+        percentile(&lat, 50.0),
+        percentile(&lat, 99.0),
+        lat.last().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "memory: idle RSS {:.1} MB (target <= 30), peak RSS under load {:.1} MB",
+        idle_rss as f64 / 1024.0,
+        peak_rss as f64 / 1024.0
+    );
     println!(
         "events in {}  trigger instances stored {}  executions succeeded {}  failed {}  -> {}",
         sent_total,
         final_stats["trigger_instances"],
         final_stats["executions"]["succeeded"],
         final_stats["executions"]["failed"],
-        if final_stats["trigger_instances"].as_u64() == Some(sent_total) && final_stats["executions"]["succeeded"].as_u64() == Some(sent_total) { "none lost" } else { "MISMATCH" }
+        if final_stats["trigger_instances"].as_u64() == Some(sent_total)
+            && final_stats["executions"]["succeeded"].as_u64() == Some(sent_total)
+        {
+            "none lost"
+        } else {
+            "MISMATCH"
+        }
     );
     let _ = st;
     Ok(())
@@ -354,5 +421,7 @@ fn chrono_now_micros() -> i64 {
 
 /// Parses an RFC 3339 time to Unix microseconds.
 fn parse_rfc3339_micros(s: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_micros())
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.timestamp_micros())
 }

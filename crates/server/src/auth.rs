@@ -92,7 +92,10 @@ pub async fn create_token(
 
 /// On first start (no token at all) creates the `admin` token and writes it
 /// to `<data dir>/admin.token`, readable only by its owner.
-pub async fn bootstrap_admin(store: &dyn Store, data_dir: &Path) -> Result<Option<PathBuf>, String> {
+pub async fn bootstrap_admin(
+    store: &dyn Store,
+    data_dir: &Path,
+) -> Result<Option<PathBuf>, String> {
     let count = store.count_tokens().await.map_err(|e| e.to_string())?;
     if count > 0 {
         return Ok(None);
@@ -125,10 +128,12 @@ pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 /// The token a request carries: `Authorization: Bearer`, StackStorm's
 /// `X-Auth-Token` / `St2-Api-Key` headers, or `?st2-api-key=` / `?x-auth-token=`.
 pub fn token_from(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
-    if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
-        if let Some(t) = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")) {
-            return Some(t.trim().to_string());
-        }
+    if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok())
+        && let Some(t) = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+    {
+        return Some(t.trim().to_string());
     }
     for h in ["x-auth-token", "st2-api-key"] {
         if let Some(v) = headers.get(h).and_then(|v| v.to_str().ok()) {
@@ -137,17 +142,21 @@ pub fn token_from(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
     }
     let query = query?;
     for pair in query.split('&') {
-        if let Some((k, v)) = pair.split_once('=') {
-            if k == "st2-api-key" || k == "x-auth-token" {
-                return Some(v.to_string());
-            }
+        if let Some((k, v)) = pair.split_once('=')
+            && (k == "st2-api-key" || k == "x-auth-token")
+        {
+            return Some(v.to_string());
         }
     }
     None
 }
 
 /// Checks a request's token; the error says what to do.
-pub async fn authenticate(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> Result<Caller, ApiError> {
+pub async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Caller, ApiError> {
     let Some(token) = token_from(headers, query) else {
         return Err(ApiError::unauthorized(
             "authentication required: send `Authorization: Bearer <token>` (see `aviary token create`, or the admin token file in the server's data dir)",
@@ -159,7 +168,10 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap, query: Option<&
     }
     match state.engine.store.find_token_by_hash(&hash).await {
         Ok(Some(t)) => {
-            let caller = Caller { name: t.name, role: t.role };
+            let caller = Caller {
+                name: t.name,
+                role: t.role,
+            };
             state.tokens.put(hash, caller.clone());
             Ok(caller)
         }
@@ -172,7 +184,10 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap, query: Option<&
 
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         authenticate(state, &parts.headers, parts.uri.query()).await
     }
 }

@@ -69,7 +69,10 @@ pub enum ServerError {
 /// Reads the secret key of the data directory, creating it on first start.
 pub fn load_or_create_secret_key(data_dir: &Path) -> Result<SecretKey, ServerError> {
     let path = data_dir.join("secret.key");
-    let err = |message: String| ServerError::SecretKey { path: path.clone(), message };
+    let err = |message: String| ServerError::SecretKey {
+        path: path.clone(),
+        message,
+    };
     match std::fs::read_to_string(&path) {
         Ok(text) => SecretKey::from_base64(text.trim()).map_err(|e| err(format!("{e}; restore the original file (secrets encrypted with it are unreadable without it)"))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -83,7 +86,10 @@ pub fn load_or_create_secret_key(data_dir: &Path) -> Result<SecretKey, ServerErr
 
 fn prepare_data_dir(dir: &Path) -> Result<(), ServerError> {
     use std::os::unix::fs::PermissionsExt;
-    let io = |source| ServerError::DataDir { path: dir.to_path_buf(), source };
+    let io = |source| ServerError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
     std::fs::create_dir_all(dir).map_err(io)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
     let work = dir.join("work");
@@ -109,7 +115,10 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     let secret_key = load_or_create_secret_key(&config.data_dir)?;
     let store = aviary_store::open(&config.database)
         .await
-        .map_err(|source| ServerError::Store { url: redact_url(&config.database), source })?;
+        .map_err(|source| ServerError::Store {
+            url: redact_url(&config.database),
+            source,
+        })?;
     let roots = config.packs.clone();
     let registry = tokio::task::spawn_blocking(move || Registry::load(&roots))
         .await
@@ -118,13 +127,22 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     let overrides = store
         .rule_overrides()
         .await
-        .map_err(|source| ServerError::Store { url: redact_url(&config.database), source })?;
+        .map_err(|source| ServerError::Store {
+            url: redact_url(&config.database),
+            source,
+        })?;
     let abandoned = store
         .recover_node(&config.node, chrono::Utc::now())
         .await
-        .map_err(|source| ServerError::Store { url: redact_url(&config.database), source })?;
+        .map_err(|source| ServerError::Store {
+            url: redact_url(&config.database),
+            source,
+        })?;
     if !abandoned.is_empty() {
-        tracing::warn!(count = abandoned.len(), "executions that were running when the server stopped are marked abandoned");
+        tracing::warn!(
+            count = abandoned.len(),
+            "executions that were running when the server stopped are marked abandoned"
+        );
     }
     if let Some(path) = auth::bootstrap_admin(store.as_ref(), &config.data_dir)
         .await
@@ -135,8 +153,13 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
-    let addr = listener.local_addr().map_err(|e| ServerError::Other(e.to_string()))?;
+        .map_err(|source| ServerError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ServerError::Other(e.to_string()))?;
     tracing::info!(
         %addr,
         backend = store.backend(),
@@ -162,7 +185,12 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         tokens: Arc::new(auth::TokenCache::default()),
         reload_lock: Arc::new(tokio::sync::Mutex::new(())),
     };
-    Ok(Running { state, addr, shutdown: CancellationToken::new(), listener })
+    Ok(Running {
+        state,
+        addr,
+        shutdown: CancellationToken::new(),
+        listener,
+    })
 }
 
 impl Running {
@@ -170,7 +198,10 @@ impl Running {
     pub async fn serve(self) -> Result<(), ServerError> {
         let engine = self.state.engine.clone();
         let shutdown = self.shutdown.clone();
-        let scheduler = tokio::spawn(engine::scheduler::run_scheduler(engine.clone(), shutdown.clone()));
+        let scheduler = tokio::spawn(engine::scheduler::run_scheduler(
+            engine.clone(),
+            shutdown.clone(),
+        ));
         let timers = tokio::spawn(engine::timers::run_timers(engine.clone(), shutdown.clone()));
         let purge = tokio::spawn(purge_expired(engine.clone(), shutdown.clone()));
         let app = api::router(self.state.clone());
@@ -197,7 +228,10 @@ impl Running {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };

@@ -182,13 +182,13 @@ impl Registry {
                 .entry(rule.trigger.kind.clone())
                 .or_default()
                 .push(idx);
-            if rule.trigger.kind == WEBHOOK_TRIGGER {
-                if let Some(url) = rule.trigger.parameters.get("url").and_then(|u| u.as_str()) {
-                    reg.webhooks
-                        .entry(normalize_webhook_url(url))
-                        .or_default()
-                        .push(idx);
-                }
+            if rule.trigger.kind == WEBHOOK_TRIGGER
+                && let Some(url) = rule.trigger.parameters.get("url").and_then(|u| u.as_str())
+            {
+                reg.webhooks
+                    .entry(normalize_webhook_url(url))
+                    .or_default()
+                    .push(idx);
             }
         }
         reg
@@ -304,10 +304,10 @@ fn walk(
         let rel = rel.to_string_lossy().into_owned();
         if meta.file_type().is_symlink() {
             // A link is recorded only if it resolves inside the pack.
-            if let (Ok(target), Ok(root_real)) = (path.canonicalize(), root.canonicalize()) {
-                if target.starts_with(&root_real) {
-                    paths.insert(rel);
-                }
+            if let (Ok(target), Ok(root_real)) = (path.canonicalize(), root.canonicalize())
+                && target.starts_with(&root_real)
+            {
+                paths.insert(rel);
             }
             continue;
         }

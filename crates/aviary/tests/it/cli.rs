@@ -22,12 +22,21 @@ fn run_prints_results_and_exit_codes_are_trustworthy() {
     assert!(stdout(&ok).contains("hello world"));
 
     let fail = s.cli(&["run", "core.local", "cmd=echo oops >&2; exit 3"]);
-    assert_eq!(fail.status.code(), Some(1), "{}{}", stdout(&fail), stderr(&fail));
+    assert_eq!(
+        fail.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&fail),
+        stderr(&fail)
+    );
 
     let bad = s.cli(&["run", "core.local", "nope=1"]);
     assert_eq!(bad.status.code(), Some(2));
     let text = stdout(&bad) + &stderr(&bad);
-    assert!(text.contains("nope") && text.contains("cmd"), "must name the unknown and the missing parameter: {text}");
+    assert!(
+        text.contains("nope") && text.contains("cmd"),
+        "must name the unknown and the missing parameter: {text}"
+    );
 
     let unknown = s.cli(&["run", "no.such"]);
     assert_ne!(unknown.status.code(), Some(0));
@@ -48,17 +57,39 @@ fn run_prints_results_and_exit_codes_are_trustworthy() {
 #[test]
 fn api_requires_a_valid_token() {
     let s = Server::start(Backend::Sqlite, &[]);
-    let r = s.http().get(s.url("/api/v1/executions")).send().expect("get");
+    let r = s
+        .http()
+        .get(s.url("/api/v1/executions"))
+        .send()
+        .expect("get");
     assert_eq!(r.status().as_u16(), 401);
-    let r = s.http().get(s.url("/api/v1/executions")).bearer_auth("avy_wrong").send().expect("get");
+    let r = s
+        .http()
+        .get(s.url("/api/v1/executions"))
+        .bearer_auth("avy_wrong")
+        .send()
+        .expect("get");
     assert_eq!(r.status().as_u16(), 401);
-    assert_eq!(s.http().get(s.url("/healthz")).send().expect("get").status().as_u16(), 200);
+    assert_eq!(
+        s.http()
+            .get(s.url("/healthz"))
+            .send()
+            .expect("get")
+            .status()
+            .as_u16(),
+        200
+    );
 
     let created = s.cli(&["--json", "token", "create", "ci-bot"]);
     assert!(created.status.success(), "{}", stderr(&created));
     let v: Value = serde_json::from_str(stdout(&created).trim()).expect("json");
     let token = v["token"].as_str().expect("token").to_string();
-    let r = s.http().get(s.url("/api/v1/actions")).bearer_auth(&token).send().expect("get");
+    let r = s
+        .http()
+        .get(s.url("/api/v1/actions"))
+        .bearer_auth(&token)
+        .send()
+        .expect("get");
     assert_eq!(r.status().as_u16(), 200);
     // Tokens are stored hashed: the secret is nowhere in the database file.
     let db = std::fs::read(s.data_dir().join("aviary.db")).unwrap_or_default();
@@ -66,7 +97,12 @@ fn api_requires_a_valid_token() {
 
     assert!(s.cli(&["token", "revoke", "ci-bot"]).status.success());
     std::thread::sleep(Duration::from_millis(2100)); // the token cache keeps entries 2 s
-    let r = s.http().get(s.url("/api/v1/actions")).bearer_auth(&token).send().expect("get");
+    let r = s
+        .http()
+        .get(s.url("/api/v1/actions"))
+        .bearer_auth(&token)
+        .send()
+        .expect("get");
     assert_eq!(r.status().as_u16(), 401);
     let listed = s.cli(&["token", "list"]);
     assert!(stdout(&listed).contains("ci-bot"));
@@ -87,32 +123,59 @@ fn api_requires_a_valid_token() {
     // Audit trail.
     let (st, audit) = s.get("/api/v1/audit");
     assert_eq!(st, 200);
-    let actions: Vec<&str> = audit.as_array().expect("list").iter().filter_map(|a| a["action"].as_str()).collect();
-    assert!(actions.contains(&"token.create") && actions.contains(&"token.revoke"), "{actions:?}");
+    let actions: Vec<&str> = audit
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|a| a["action"].as_str())
+        .collect();
+    assert!(
+        actions.contains(&"token.create") && actions.contains(&"token.revoke"),
+        "{actions:?}"
+    );
 }
 
 fn datastore(backend: Backend) {
     let s = Server::start(backend, &[]);
     assert!(s.cli(&["key", "set", "plain", "v1"]).status.success());
-    assert!(s.cli(&["key", "set", "pw", "hunter2", "--encrypt"]).status.success());
-    assert!(s.cli(&["key", "set", "short", "x", "--ttl", "1"]).status.success());
+    assert!(
+        s.cli(&["key", "set", "pw", "hunter2", "--encrypt"])
+            .status
+            .success()
+    );
+    assert!(
+        s.cli(&["key", "set", "short", "x", "--ttl", "1"])
+            .status
+            .success()
+    );
     let get = s.cli(&["key", "get", "plain"]);
     assert!(stdout(&get).contains("v1"));
     let masked = s.cli(&["--json", "key", "get", "pw"]);
-    assert!(!stdout(&masked).contains("hunter2"), "secret shown without --decrypt");
+    assert!(
+        !stdout(&masked).contains("hunter2"),
+        "secret shown without --decrypt"
+    );
     let dec = s.cli(&["--json", "key", "get", "pw", "--decrypt"]);
     assert!(stdout(&dec).contains("hunter2"));
     let list = s.cli(&["--json", "key", "list"]);
     assert!(!stdout(&list).contains("hunter2"));
     std::thread::sleep(Duration::from_millis(1500));
     let expired = s.cli(&["key", "get", "short"]);
-    assert_eq!(expired.status.code(), Some(1), "expired key still visible: {}", stdout(&expired));
+    assert_eq!(
+        expired.status.code(),
+        Some(1),
+        "expired key still visible: {}",
+        stdout(&expired)
+    );
     assert!(s.cli(&["key", "delete", "plain"]).status.success());
     assert_eq!(s.cli(&["key", "get", "plain"]).status.code(), Some(1));
     if backend == Backend::Sqlite {
         let db = std::fs::read(s.data_dir().join("aviary.db")).unwrap_or_default();
         let wal = std::fs::read(s.data_dir().join("aviary.db-wal")).unwrap_or_default();
-        assert!(!String::from_utf8_lossy(&db).contains("hunter2") && !String::from_utf8_lossy(&wal).contains("hunter2"));
+        assert!(
+            !String::from_utf8_lossy(&db).contains("hunter2")
+                && !String::from_utf8_lossy(&wal).contains("hunter2")
+        );
     }
 }
 
@@ -158,7 +221,10 @@ fn timeout_cancel_and_live_tail() {
         }
         seen.push_str(&line);
     }
-    assert!(seen.contains("tick-1") && seen.contains("tick-3"), "live output: {seen}");
+    assert!(
+        seen.contains("tick-1") && seen.contains("tick-3"),
+        "live output: {seen}"
+    );
     let c = s.cli(&["execution", "cancel", &id]);
     assert!(c.status.success(), "{}", stderr(&c));
     let done = s.wait_execution(&id);
@@ -168,15 +234,28 @@ fn timeout_cancel_and_live_tail() {
 
 #[test]
 fn rules_can_be_disabled_and_listed() {
-    let examples = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../packs/examples"));
+    let examples =
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../packs/examples"));
     let s = Server::start(Backend::Sqlite, &[examples]);
     let list = s.cli(&["rule", "list"]);
-    assert!(stdout(&list).contains("examples.github_push"), "{}", stdout(&list));
-    assert!(s.cli(&["rule", "disable", "examples.github_push"]).status.success());
+    assert!(
+        stdout(&list).contains("examples.github_push"),
+        "{}",
+        stdout(&list)
+    );
+    assert!(
+        s.cli(&["rule", "disable", "examples.github_push"])
+            .status
+            .success()
+    );
     let (_, rule) = s.get("/api/v1/rules/examples.github_push");
     assert_eq!(rule["enabled"], false);
     // A disabled rule does not fire.
-    assert!(s.cli(&["key", "set", "github_webhook_secret", "k", "--encrypt"]).status.success());
+    assert!(
+        s.cli(&["key", "set", "github_webhook_secret", "k", "--encrypt"])
+            .status
+            .success()
+    );
     let raw = serde_json::to_vec(&push_payload("a", "refs/heads/main", "abc")).expect("json");
     let r = s
         .http()
@@ -195,5 +274,9 @@ fn rules_can_be_disabled_and_listed() {
     s.spawn();
     let (_, rule) = s.get("/api/v1/rules/examples.github_push");
     assert_eq!(rule["enabled"], false);
-    assert!(s.cli(&["rule", "enable", "examples.github_push"]).status.success());
+    assert!(
+        s.cli(&["rule", "enable", "examples.github_push"])
+            .status
+            .success()
+    );
 }

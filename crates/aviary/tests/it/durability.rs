@@ -10,7 +10,10 @@ fn queue_survives_kill9(backend: Backend) {
     let marker = dir.path().join("runs");
     let mut s = Server::start_with(backend, &[], &["--workers", "1"]);
     // A long one occupies the only worker; three more wait in the queue.
-    let (st, first) = s.post("/api/v1/executions", json!({"action": "core.local", "parameters": {"cmd": "sleep 30"}}));
+    let (st, first) = s.post(
+        "/api/v1/executions",
+        json!({"action": "core.local", "parameters": {"cmd": "sleep 30"}}),
+    );
     assert_eq!(st, 201);
     let first = first["id"].as_str().expect("id").to_string();
     s.wait_for("first running", || {
@@ -20,7 +23,10 @@ fn queue_survives_kill9(backend: Backend) {
     let mut queued = Vec::new();
     for i in 0..3 {
         let cmd = format!("echo {i} >> '{}'", marker.display());
-        let (st, e) = s.post("/api/v1/executions", json!({"action": "core.local", "parameters": {"cmd": cmd}}));
+        let (st, e) = s.post(
+            "/api/v1/executions",
+            json!({"action": "core.local", "parameters": {"cmd": cmd}}),
+        );
         assert_eq!(st, 201, "{e}");
         queued.push(e["id"].as_str().expect("id").to_string());
     }
@@ -33,7 +39,11 @@ fn queue_survives_kill9(backend: Backend) {
         assert_eq!(e["status"], "succeeded", "{e}");
     }
     let runs = std::fs::read_to_string(&marker).expect("marker");
-    assert_eq!(runs.lines().count(), 3, "each queued execution ran exactly once: {runs}");
+    assert_eq!(
+        runs.lines().count(),
+        3,
+        "each queued execution ran exactly once: {runs}"
+    );
 }
 
 #[test]
@@ -50,7 +60,10 @@ fn queue_survives_kill9_postgres() {
 fn interval_timer_fires() {
     let dir = tempfile::tempdir().expect("tmp");
     let pack = dir.path().join("tick");
-    write(&pack.join("pack.yaml"), "ref: tick\nname: tick\ndescription: timer test\nversion: 0.0.1\n");
+    write(
+        &pack.join("pack.yaml"),
+        "ref: tick\nname: tick\ndescription: timer test\nversion: 0.0.1\n",
+    );
     write(
         &pack.join("rules/every_second.yaml"),
         "name: every_second\npack: tick\ntrigger:\n  type: core.st2.IntervalTimer\n  parameters:\n    unit: seconds\n    delta: 1\naction:\n  ref: core.noop\n",
@@ -83,7 +96,11 @@ fn http_runner_calls_a_real_server() {
             }
         }
         let body = r#"{"ok":true}"#;
-        let _ = write!(conn, "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+        let _ = write!(
+            conn,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
         String::from_utf8_lossy(&got).into_owned()
     });
     let s = Server::start(Backend::Sqlite, &[]);
@@ -98,5 +115,8 @@ fn http_runner_calls_a_real_server() {
     assert_eq!(done["result"]["body"]["ok"], true);
     let request = handle.join().expect("server thread");
     assert!(request.starts_with("POST /hook"), "{request}");
-    assert!(request.to_ascii_lowercase().contains("x-test: yes"), "{request}");
+    assert!(
+        request.to_ascii_lowercase().contains("x-test: yes"),
+        "{request}"
+    );
 }

@@ -56,7 +56,10 @@ impl Server {
     pub fn start_with(backend: Backend, packs: &[&Path], extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let (database, schema) = match backend {
-            Backend::Sqlite => (format!("sqlite:{}", dir.path().join("aviary.db").display()), None),
+            Backend::Sqlite => (
+                format!("sqlite:{}", dir.path().join("aviary.db").display()),
+                None,
+            ),
             Backend::Postgres => {
                 let schema = format!("aviary_it_{}", uuid_like());
                 let url = postgres_url();
@@ -114,15 +117,22 @@ impl Server {
         self.child = Some(cmd.spawn().expect("spawn aviary server"));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!("server exited early ({status}):\n{}", self.log());
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("server exited early ({status}):\n{}", self.log());
             }
-            if reqwest::blocking::get(self.url("/healthz")).map(|r| r.status().is_success()).unwrap_or(false) {
+            if reqwest::blocking::get(self.url("/healthz"))
+                .map(|r| r.status().is_success())
+                .unwrap_or(false)
+            {
                 return;
             }
-            assert!(Instant::now() < deadline, "server did not come up:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "server did not come up:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -144,17 +154,31 @@ impl Server {
     }
 
     pub fn http(&self) -> reqwest::blocking::Client {
-        reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().expect("client")
+        reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client")
     }
 
     pub fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.http().get(self.url(path)).bearer_auth(&self.token).send().expect("GET");
+        let r = self
+            .http()
+            .get(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .expect("GET");
         let status = r.status().as_u16();
         (status, r.json().unwrap_or(Value::Null))
     }
 
     pub fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self.http().post(self.url(path)).bearer_auth(&self.token).json(&body).send().expect("POST");
+        let r = self
+            .http()
+            .post(self.url(path))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .expect("POST");
         let status = r.status().as_u16();
         (status, r.json().unwrap_or(Value::Null))
     }
@@ -183,7 +207,10 @@ impl Server {
             ) {
                 return exec;
             }
-            assert!(Instant::now() < deadline, "execution {id} did not finish: {exec}");
+            assert!(
+                Instant::now() < deadline,
+                "execution {id} did not finish: {exec}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -195,7 +222,11 @@ impl Server {
             if let Some(v) = f() {
                 return v;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -225,7 +256,9 @@ impl Drop for Server {
 
 pub fn uuid_like() -> String {
     let mut buf = [0u8; 8];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).expect("urandom");
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .expect("urandom");
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -5,7 +5,10 @@ use crate::harness::*;
 
 fn broken_pack(root: &std::path::Path) -> std::path::PathBuf {
     let pack = root.join("broken");
-    write(&pack.join("pack.yaml"), "ref: broken\nname: broken\ndescription: broken on purpose\nversion: 0.0.1\n");
+    write(
+        &pack.join("pack.yaml"),
+        "ref: broken\nname: broken\ndescription: broken on purpose\nversion: 0.0.1\n",
+    );
     write(
         &pack.join("actions/a.yaml"),
         "name: a\npack: broken\nrunner_type: local-shell-kmd\nparameters:\n  x:\n    type: strin\n",
@@ -21,18 +24,36 @@ fn broken_pack(root: &std::path::Path) -> std::path::PathBuf {
 fn validate_reports_every_error_with_locations() {
     let dir = tempfile::tempdir().expect("tmp");
     let pack = broken_pack(dir.path());
-    let out = std::process::Command::new(bin()).args(["pack", "validate"]).arg(&pack).output().expect("run");
+    let out = std::process::Command::new(bin())
+        .args(["pack", "validate"])
+        .arg(&pack)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("actions/a.yaml:3:"), "runner_type located: {err}");
+    assert!(
+        err.contains("actions/a.yaml:3:"),
+        "runner_type located: {err}"
+    );
     assert!(err.contains("local-shell-kmd"), "{err}");
     assert!(err.contains("strin"), "{err}");
-    assert!(err.contains("rules/r.yaml:") && err.contains("equalz"), "{err}");
+    assert!(
+        err.contains("rules/r.yaml:") && err.contains("equalz"),
+        "{err}"
+    );
     assert!(err.contains("message"), "template error named: {err}");
 
     let good = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../packs/examples"));
-    let ok = std::process::Command::new(bin()).args(["pack", "validate"]).arg(good).output().expect("run");
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let ok = std::process::Command::new(bin())
+        .args(["pack", "validate"])
+        .arg(good)
+        .output()
+        .expect("run");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 }
 
 #[test]
@@ -40,23 +61,37 @@ fn bad_reload_keeps_the_running_set() {
     let dir = tempfile::tempdir().expect("tmp");
     let root = dir.path().join("packs");
     let pack = root.join("good");
-    write(&pack.join("pack.yaml"), "ref: good\nname: good\ndescription: good\nversion: 0.0.1\n");
-    write(&pack.join("actions/hi.yaml"), "name: hi\npack: good\nrunner_type: local-shell-cmd\nparameters:\n  cmd:\n    default: echo hi\n    immutable: true\n    type: string\n");
+    write(
+        &pack.join("pack.yaml"),
+        "ref: good\nname: good\ndescription: good\nversion: 0.0.1\n",
+    );
+    write(
+        &pack.join("actions/hi.yaml"),
+        "name: hi\npack: good\nrunner_type: local-shell-cmd\nparameters:\n  cmd:\n    default: echo hi\n    immutable: true\n    type: string\n",
+    );
     let s = Server::start(Backend::Sqlite, &[&root]);
     let (st, _) = s.get("/api/v1/actions/good.hi");
     assert_eq!(st, 200);
     broken_pack(&root);
     let out = s.cli(&["pack", "reload"]);
     assert_eq!(out.status.code(), Some(1));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("equalz"), "{text}");
     let (st, _) = s.get("/api/v1/actions/good.hi");
     assert_eq!(st, 200, "running set must be unchanged");
     // Fix it and reload: the new pack appears.
     std::fs::remove_dir_all(root.join("broken")).expect("rm");
-    write(&root.join("more/pack.yaml"), "ref: more\nname: more\ndescription: more\nversion: 0.0.1\n");
+    write(
+        &root.join("more/pack.yaml"),
+        "ref: more\nname: more\ndescription: more\nversion: 0.0.1\n",
+    );
     let out = s.cli(&["pack", "reload"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let list = s.cli(&["pack", "list"]);
     assert!(String::from_utf8_lossy(&list.stdout).contains("more"));
 }

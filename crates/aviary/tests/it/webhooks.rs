@@ -28,7 +28,11 @@ fn post_github(s: &Server, secret: Option<&str>, delivery: &str, body: &Value) -
 
 fn setup_secret(s: &Server, secret: &str) {
     let out = s.cli(&["key", "set", "github_webhook_secret", secret, "--encrypt"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn trigger_instance_count(s: &Server) -> usize {
@@ -40,11 +44,18 @@ fn trigger_instance_count(s: &Server) -> usize {
 fn signed_push_runs_the_rule(backend: Backend) {
     let s = Server::start(backend, &[examples()]);
     setup_secret(&s, "s3cret");
-    let body = push_payload("webapp", "refs/heads/main", "0123456789abcdef0123456789abcdef01234567");
+    let body = push_payload(
+        "webapp",
+        "refs/heads/main",
+        "0123456789abcdef0123456789abcdef01234567",
+    );
     let (st, v) = post_github(&s, Some("s3cret"), "d-1", &body);
     assert_eq!(st, 202, "{v}");
     assert_eq!(v["duplicate"], false);
-    let exec_id = v["executions"][0].as_str().expect("an execution").to_string();
+    let exec_id = v["executions"][0]
+        .as_str()
+        .expect("an execution")
+        .to_string();
     let exec = s.wait_execution(&exec_id);
     assert_eq!(exec["status"], "succeeded", "{exec}");
     assert_eq!(
@@ -54,10 +65,16 @@ fn signed_push_runs_the_rule(backend: Backend) {
     // The trace: trigger instance -> rule -> execution.
     assert_eq!(exec["rule"], "examples.github_push");
     assert_eq!(exec["trigger_instance_id"], v["trigger_instance_id"]);
-    let (st, ti) = s.get(&format!("/api/v1/trigger-instances/{}", v["trigger_instance_id"].as_str().unwrap_or_default()));
+    let (st, ti) = s.get(&format!(
+        "/api/v1/trigger-instances/{}",
+        v["trigger_instance_id"].as_str().unwrap_or_default()
+    ));
     assert_eq!(st, 200);
     assert_eq!(ti["trigger_instance"]["trigger"], "core.st2.webhook");
-    assert_eq!(ti["trigger_instance"]["payload"]["body"]["ref"], "refs/heads/main");
+    assert_eq!(
+        ti["trigger_instance"]["payload"]["body"]["ref"],
+        "refs/heads/main"
+    );
     assert_eq!(ti["enforcements"][0]["execution_id"], exec_id.as_str());
 
     // Redelivery: same X-GitHub-Delivery -> 200, no second event.
@@ -81,13 +98,23 @@ fn signed_push_runs_the_rule_postgres() {
 
 #[test]
 fn bad_webhooks_are_refused_and_nothing_is_stored() {
-    let s = Server::start_with(Backend::Sqlite, &[examples()], &["--max-body-bytes", "4096"]);
+    let s = Server::start_with(
+        Backend::Sqlite,
+        &[examples()],
+        &["--max-body-bytes", "4096"],
+    );
     setup_secret(&s, "s3cret");
     let body = push_payload("webapp", "refs/heads/main", "abc");
     // Missing signature.
     let (st, v) = post_github(&s, None, "x1", &body);
     assert_eq!(st, 401, "{v}");
-    assert!(v["error"].as_str().unwrap_or_default().contains("X-Hub-Signature-256"), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("X-Hub-Signature-256"),
+        "{v}"
+    );
     // Wrong secret.
     let (st, _) = post_github(&s, Some("wrong"), "x2", &body);
     assert_eq!(st, 401);
@@ -108,7 +135,12 @@ fn bad_webhooks_are_refused_and_nothing_is_stored() {
     let (st, _) = post_github(&s, Some("s3cret"), "x3", &big);
     assert_eq!(st, 413);
     // Unknown URL.
-    let r = s.http().post(s.url("/api/v1/webhooks/nope")).json(&json!({})).send().expect("post");
+    let r = s
+        .http()
+        .post(s.url("/api/v1/webhooks/nope"))
+        .json(&json!({}))
+        .send()
+        .expect("post");
     assert_eq!(r.status().as_u16(), 404);
     assert_eq!(trigger_instance_count(&s), 0);
     assert!(s.executions("").is_empty());
@@ -119,7 +151,10 @@ fn event_data_never_reaches_a_shell() {
     let dir = tempfile::tempdir().expect("tmp");
     let pack = dir.path().join("inj");
     let pwned = dir.path().join("pwned");
-    write(&pack.join("pack.yaml"), "ref: inj\nname: inj\ndescription: injection test\nversion: 0.0.1\n");
+    write(
+        &pack.join("pack.yaml"),
+        "ref: inj\nname: inj\ndescription: injection test\nversion: 0.0.1\n",
+    );
     write(
         &pack.join("rules/push.yaml"),
         "name: push\npack: inj\ntrigger:\n  type: core.st2.webhook\n  parameters:\n    url: push\naction:\n  ref: core.local\n  parameters:\n    cmd: echo {{ trigger.body.ref }} and \"{{ trigger.body.who }}\"\n",
@@ -131,9 +166,17 @@ fn event_data_never_reaches_a_shell() {
     let s = Server::start(Backend::Sqlite, &[&pack]);
     let evil_ref = format!("main;touch${{IFS}}{}", pwned.display());
     let evil_who = format!("$(touch {})", pwned.display());
-    let (st, v) = s.post("/api/v1/webhooks/push", json!({"ref": evil_ref, "who": evil_who}));
+    let (st, v) = s.post(
+        "/api/v1/webhooks/push",
+        json!({"ref": evil_ref, "who": evil_who}),
+    );
     assert_eq!(st, 202, "{v}");
-    let ids: Vec<String> = v["executions"].as_array().expect("executions").iter().map(|x| x.as_str().unwrap_or_default().to_string()).collect();
+    let ids: Vec<String> = v["executions"]
+        .as_array()
+        .expect("executions")
+        .iter()
+        .map(|x| x.as_str().unwrap_or_default().to_string())
+        .collect();
     assert_eq!(ids.len(), 2);
     for id in ids {
         let exec = s.wait_execution(&id);
@@ -148,7 +191,10 @@ fn event_data_never_reaches_a_shell() {
 fn criteria_and_datastore_templates() {
     let dir = tempfile::tempdir().expect("tmp");
     let pack = dir.path().join("crit");
-    write(&pack.join("pack.yaml"), "ref: crit\nname: crit\ndescription: criteria test\nversion: 0.0.1\n");
+    write(
+        &pack.join("pack.yaml"),
+        "ref: crit\nname: crit\ndescription: criteria test\nversion: 0.0.1\n",
+    );
     write(
         &pack.join("rules/main_only.yaml"),
         r#"name: main_only
@@ -199,5 +245,8 @@ action:
     let execs = s.executions("action=core.echo");
     assert_eq!(execs.len(), 1);
     let exec = s.wait_execution(execs[0]["id"].as_str().unwrap_or_default());
-    assert_eq!(exec["result"]["stdout"].as_str().unwrap_or_default().trim(), "app hello");
+    assert_eq!(
+        exec["result"]["stdout"].as_str().unwrap_or_default().trim(),
+        "app hello"
+    );
 }

@@ -92,10 +92,19 @@ pub async fn create(
                     .collect();
                 ApiError::bad_request(e.to_string()).with_details(details)
             }
-            RequestError::Disabled(_) | RequestError::Template(_) => ApiError::bad_request(e.to_string()),
+            RequestError::Disabled(_) | RequestError::Template(_) => {
+                ApiError::bad_request(e.to_string())
+            }
             RequestError::Store(s) => ApiError::from(s),
         })?;
-    audit(&state, &caller.name, "execution.request", &exec.id, json!({"action": exec.action})).await;
+    audit(
+        &state,
+        &caller.name,
+        "execution.request",
+        &exec.id,
+        json!({"action": exec.action}),
+    )
+    .await;
     Ok((StatusCode::CREATED, Json(json!(exec))))
 }
 
@@ -115,12 +124,9 @@ pub async fn audit(state: &AppState, actor: &str, action: &str, target: &str, de
 }
 
 async fn load(state: &AppState, id: &str) -> Result<aviary_core::model::Execution, ApiError> {
-    state
-        .engine
-        .store
-        .get_execution(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no execution '{id}'; see `aviary execution list`")))
+    state.engine.store.get_execution(id).await?.ok_or_else(|| {
+        ApiError::not_found(format!("no execution '{id}'; see `aviary execution list`"))
+    })
 }
 
 /// `GET /api/v1/executions/{id}`.
@@ -143,7 +149,14 @@ pub async fn cancel(
         .cancel(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no execution '{id}'")))?;
-    audit(&state, &caller.name, "execution.cancel", &id, json!({"status": exec.status})).await;
+    audit(
+        &state,
+        &caller.name,
+        "execution.cancel",
+        &id,
+        json!({"status": exec.status}),
+    )
+    .await;
     Ok(Json(json!(exec)))
 }
 
@@ -161,7 +174,11 @@ pub async fn output(
     Query(q): Query<OutputQuery>,
 ) -> Result<Json<Value>, ApiError> {
     load(&state, &id).await?;
-    let chunks = state.engine.store.get_output(&id, q.after.unwrap_or(0)).await?;
+    let chunks = state
+        .engine
+        .store
+        .get_output(&id, q.after.unwrap_or(0))
+        .await?;
     Ok(Json(json!(chunks)))
 }
 
@@ -220,7 +237,9 @@ pub async fn stream(
                     }
                 }
                 let _ = tx
-                    .send(Ok(SseEvent::default().event("end").data(json!(exec).to_string())))
+                    .send(Ok(SseEvent::default()
+                        .event("end")
+                        .data(json!(exec).to_string())))
                     .await;
                 return;
             }

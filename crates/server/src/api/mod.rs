@@ -44,7 +44,11 @@ pub struct ApiError {
 impl ApiError {
     /// A new error.
     pub fn new(status: StatusCode, error: impl Into<String>) -> Self {
-        Self { status, error: error.into(), details: Vec::new() }
+        Self {
+            status,
+            error: error.into(),
+            details: Vec::new(),
+        }
     }
     /// 400.
     pub fn bad_request(error: impl Into<String>) -> Self {
@@ -78,7 +82,10 @@ impl IntoResponse for ApiError {
 impl From<aviary_store::StoreError> for ApiError {
     fn from(e: aviary_store::StoreError) -> Self {
         tracing::error!(error = %e, "storage error");
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, format!("storage error: {e}"))
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("storage error: {e}"),
+        )
     }
 }
 
@@ -107,7 +114,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/api/v1/webhooks/{*url}", post(webhooks::receive))
-        .route("/api/v1/executions", get(executions::list).post(executions::create))
+        .route(
+            "/api/v1/executions",
+            get(executions::list).post(executions::create),
+        )
         .route("/api/v1/executions/{id}", get(executions::get_one))
         .route("/api/v1/executions/{id}/cancel", post(executions::cancel))
         .route("/api/v1/executions/{id}/output", get(executions::output))
@@ -116,18 +126,38 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/actions/{reference}", get(resources::get_action))
         .route("/api/v1/rules", get(resources::list_rules))
         .route("/api/v1/rules/{reference}", get(resources::get_rule))
-        .route("/api/v1/rules/{reference}/enable", post(resources::enable_rule))
-        .route("/api/v1/rules/{reference}/disable", post(resources::disable_rule))
-        .route("/api/v1/trigger-instances", get(resources::list_trigger_instances))
-        .route("/api/v1/trigger-instances/{id}", get(resources::get_trigger_instance))
+        .route(
+            "/api/v1/rules/{reference}/enable",
+            post(resources::enable_rule),
+        )
+        .route(
+            "/api/v1/rules/{reference}/disable",
+            post(resources::disable_rule),
+        )
+        .route(
+            "/api/v1/trigger-instances",
+            get(resources::list_trigger_instances),
+        )
+        .route(
+            "/api/v1/trigger-instances/{id}",
+            get(resources::get_trigger_instance),
+        )
         .route("/api/v1/enforcements", get(resources::list_enforcements))
         .route("/api/v1/keys", get(resources::list_keys))
         .route(
             "/api/v1/keys/{scope}/{name}",
-            get(resources::get_key).put(resources::put_key).delete(resources::delete_key),
+            get(resources::get_key)
+                .put(resources::put_key)
+                .delete(resources::delete_key),
         )
-        .route("/api/v1/tokens", get(resources::list_tokens).post(resources::create_token))
-        .route("/api/v1/tokens/{id}", axum::routing::delete(resources::revoke_token))
+        .route(
+            "/api/v1/tokens",
+            get(resources::list_tokens).post(resources::create_token),
+        )
+        .route(
+            "/api/v1/tokens/{id}",
+            axum::routing::delete(resources::revoke_token),
+        )
         .route("/api/v1/packs", get(resources::list_packs))
         .route("/api/v1/packs/reload", post(resources::reload_packs))
         .route("/api/v1/audit", get(resources::list_audit))

@@ -22,7 +22,9 @@ pub async fn list_actions(_c: Caller, State(state): State<AppState>) -> Json<Val
     let registry = state.engine.registry.load();
     let mut actions: Vec<_> = registry.actions.values().cloned().collect();
     actions.sort_by_key(|a| a.reference());
-    Json(json!(actions.iter().map(|a| action_json(a)).collect::<Vec<_>>()))
+    Json(json!(
+        actions.iter().map(|a| action_json(a)).collect::<Vec<_>>()
+    ))
 }
 
 fn action_json(a: &aviary_core::action::ActionMeta) -> Value {
@@ -38,10 +40,9 @@ pub async fn get_action(
     Path(reference): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let registry = state.engine.registry.load();
-    let a = registry
-        .actions
-        .get(&reference)
-        .ok_or_else(|| ApiError::not_found(format!("no action '{reference}'; see `aviary action list`")))?;
+    let a = registry.actions.get(&reference).ok_or_else(|| {
+        ApiError::not_found(format!("no action '{reference}'; see `aviary action list`"))
+    })?;
     Ok(Json(action_json(a)))
 }
 
@@ -55,7 +56,13 @@ fn rule_json(state: &AppState, r: &aviary_core::rule::Rule) -> Value {
 /// `GET /api/v1/rules`.
 pub async fn list_rules(_c: Caller, State(state): State<AppState>) -> Json<Value> {
     let registry = state.engine.registry.load();
-    Json(json!(registry.rules.iter().map(|r| rule_json(&state, r)).collect::<Vec<_>>()))
+    Json(json!(
+        registry
+            .rules
+            .iter()
+            .map(|r| rule_json(&state, r))
+            .collect::<Vec<_>>()
+    ))
 }
 
 /// `GET /api/v1/rules/{ref}`.
@@ -65,33 +72,54 @@ pub async fn get_rule(
     Path(reference): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let registry = state.engine.registry.load();
-    let r = registry
-        .rule(&reference)
-        .ok_or_else(|| ApiError::not_found(format!("no rule '{reference}'; see `aviary rule list`")))?;
+    let r = registry.rule(&reference).ok_or_else(|| {
+        ApiError::not_found(format!("no rule '{reference}'; see `aviary rule list`"))
+    })?;
     Ok(Json(rule_json(&state, r)))
 }
 
-async fn set_rule(state: &AppState, caller: &Caller, reference: &str, enabled: bool) -> Result<Json<Value>, ApiError> {
+async fn set_rule(
+    state: &AppState,
+    caller: &Caller,
+    reference: &str,
+    enabled: bool,
+) -> Result<Json<Value>, ApiError> {
     let registry = state.engine.registry.load_full();
-    let rule = registry
-        .rule(reference)
-        .ok_or_else(|| ApiError::not_found(format!("no rule '{reference}'; see `aviary rule list`")))?;
-    state.engine.store.set_rule_enabled(reference, enabled).await?;
+    let rule = registry.rule(reference).ok_or_else(|| {
+        ApiError::not_found(format!("no rule '{reference}'; see `aviary rule list`"))
+    })?;
+    state
+        .engine
+        .store
+        .set_rule_enabled(reference, enabled)
+        .await?;
     let overrides = state.engine.store.rule_overrides().await?;
     state.engine.rule_overrides.store(Arc::new(overrides));
     state.engine.registry_changed.notify_waiters();
-    let action = if enabled { "rule.enable" } else { "rule.disable" };
+    let action = if enabled {
+        "rule.enable"
+    } else {
+        "rule.disable"
+    };
     audit(state, &caller.name, action, reference, json!({})).await;
     Ok(Json(rule_json(state, rule)))
 }
 
 /// `POST /api/v1/rules/{ref}/enable`.
-pub async fn enable_rule(c: Caller, State(state): State<AppState>, Path(r): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn enable_rule(
+    c: Caller,
+    State(state): State<AppState>,
+    Path(r): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     set_rule(&state, &c, &r, true).await
 }
 
 /// `POST /api/v1/rules/{ref}/disable`.
-pub async fn disable_rule(c: Caller, State(state): State<AppState>, Path(r): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn disable_rule(
+    c: Caller,
+    State(state): State<AppState>,
+    Path(r): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     set_rule(&state, &c, &r, false).await
 }
 
@@ -112,7 +140,11 @@ pub async fn list_trigger_instances(
     let list = state
         .engine
         .store
-        .list_trigger_instances(q.trigger.as_deref(), q.limit.unwrap_or(50).min(1000), q.offset.unwrap_or(0))
+        .list_trigger_instances(
+            q.trigger.as_deref(),
+            q.limit.unwrap_or(50).min(1000),
+            q.offset.unwrap_or(0),
+        )
         .await?;
     Ok(Json(json!(list)))
 }
@@ -129,8 +161,14 @@ pub async fn get_trigger_instance(
         .get_trigger_instance(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no trigger instance '{id}'")))?;
-    let enforcements = state.engine.store.list_enforcements(Some(&id), None, 1000).await?;
-    Ok(Json(json!({"trigger_instance": ti, "enforcements": enforcements})))
+    let enforcements = state
+        .engine
+        .store
+        .list_enforcements(Some(&id), None, 1000)
+        .await?;
+    Ok(Json(
+        json!({"trigger_instance": ti, "enforcements": enforcements}),
+    ))
 }
 
 /// Query of `GET /enforcements`.
@@ -150,13 +188,18 @@ pub async fn list_enforcements(
     let list = state
         .engine
         .store
-        .list_enforcements(q.trigger_instance.as_deref(), q.rule.as_deref(), q.limit.unwrap_or(50).min(1000))
+        .list_enforcements(
+            q.trigger_instance.as_deref(),
+            q.rule.as_deref(),
+            q.limit.unwrap_or(50).min(1000),
+        )
         .await?;
     Ok(Json(json!(list)))
 }
 
 fn parse_scope(s: &str) -> Result<KvScope, ApiError> {
-    KvScope::parse(s).ok_or_else(|| ApiError::bad_request(format!("unknown scope '{s}'; use system or user")))
+    KvScope::parse(s)
+        .ok_or_else(|| ApiError::bad_request(format!("unknown scope '{s}'; use system or user")))
 }
 
 /// Datastore keys of the user scope are stored as `<user>:<name>`.
@@ -170,7 +213,11 @@ fn scoped_name(scope: KvScope, caller: &Caller, name: &str) -> String {
 fn kv_json(state: &AppState, kv: &KeyValue, decrypt: bool) -> Value {
     let value = if kv.secret {
         if decrypt {
-            state.engine.secret_key.decrypt(&kv.value).unwrap_or_else(|_| MASK.to_string())
+            state
+                .engine
+                .secret_key
+                .decrypt(&kv.value)
+                .unwrap_or_else(|_| MASK.to_string())
         } else {
             MASK.to_string()
         }
@@ -178,7 +225,12 @@ fn kv_json(state: &AppState, kv: &KeyValue, decrypt: bool) -> Value {
         kv.value.clone()
     };
     let name = match kv.scope {
-        KvScope::User => kv.name.split_once(':').map(|(_, n)| n).unwrap_or(&kv.name).to_string(),
+        KvScope::User => kv
+            .name
+            .split_once(':')
+            .map(|(_, n)| n)
+            .unwrap_or(&kv.name)
+            .to_string(),
         KvScope::System => kv.name.clone(),
     };
     json!({
@@ -197,9 +249,17 @@ pub struct KeyQuery {
 }
 
 /// `GET /api/v1/keys`.
-pub async fn list_keys(c: Caller, State(state): State<AppState>, Query(q): Query<KeyQuery>) -> Result<Json<Value>, ApiError> {
+pub async fn list_keys(
+    c: Caller,
+    State(state): State<AppState>,
+    Query(q): Query<KeyQuery>,
+) -> Result<Json<Value>, ApiError> {
     let scope = q.scope.as_deref().map(parse_scope).transpose()?;
-    let list = state.engine.store.list_kv(scope, q.prefix.as_deref(), Utc::now()).await?;
+    let list = state
+        .engine
+        .store
+        .list_kv(scope, q.prefix.as_deref(), Utc::now())
+        .await?;
     let own_prefix = format!("{}:", c.name);
     let visible: Vec<Value> = list
         .iter()
@@ -222,9 +282,18 @@ pub async fn get_key(
         .store
         .get_kv(scope, &scoped_name(scope, &c, &name), Utc::now())
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("no key '{name}' in scope {}", scope.as_str())))?;
+        .ok_or_else(|| {
+            ApiError::not_found(format!("no key '{name}' in scope {}", scope.as_str()))
+        })?;
     if q.decrypt && kv.secret {
-        audit(&state, &c.name, "key.decrypt", &name, json!({"scope": scope})).await;
+        audit(
+            &state,
+            &c.name,
+            "key.decrypt",
+            &name,
+            json!({"scope": scope}),
+        )
+        .await;
     }
     Ok(Json(kv_json(&state, &kv, q.decrypt)))
 }
@@ -248,20 +317,35 @@ pub async fn put_key(
 ) -> Result<Json<Value>, ApiError> {
     let scope = parse_scope(&scope)?;
     if name.is_empty() || name.len() > 512 || name.contains(':') {
-        return Err(ApiError::bad_request("key names are 1-512 characters without ':'"));
+        return Err(ApiError::bad_request(
+            "key names are 1-512 characters without ':'",
+        ));
     }
     let body: PutKey = parse_json(&body)?;
     let now = Utc::now();
     let kv = KeyValue {
         scope,
         name: scoped_name(scope, &c, &name),
-        value: if body.secret { state.engine.secret_key.encrypt(&body.value) } else { body.value },
+        value: if body.secret {
+            state.engine.secret_key.encrypt(&body.value)
+        } else {
+            body.value
+        },
         secret: body.secret,
-        expire_at: body.ttl.map(|t| now + chrono::Duration::seconds(t.min(i64::MAX as u64 / 2) as i64)),
+        expire_at: body
+            .ttl
+            .map(|t| now + chrono::Duration::seconds(t.min(i64::MAX as u64 / 2) as i64)),
         updated_at: now,
     };
     state.engine.store.set_kv(kv.clone()).await?;
-    audit(&state, &c.name, "key.set", &name, json!({"scope": scope, "secret": kv.secret, "ttl": body.ttl})).await;
+    audit(
+        &state,
+        &c.name,
+        "key.set",
+        &name,
+        json!({"scope": scope, "secret": kv.secret, "ttl": body.ttl}),
+    )
+    .await;
     Ok(Json(kv_json(&state, &kv, false)))
 }
 
@@ -272,10 +356,25 @@ pub async fn delete_key(
     Path((scope, name)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let scope = parse_scope(&scope)?;
-    if !state.engine.store.delete_kv(scope, &scoped_name(scope, &c, &name)).await? {
-        return Err(ApiError::not_found(format!("no key '{name}' in scope {}", scope.as_str())));
+    if !state
+        .engine
+        .store
+        .delete_kv(scope, &scoped_name(scope, &c, &name))
+        .await?
+    {
+        return Err(ApiError::not_found(format!(
+            "no key '{name}' in scope {}",
+            scope.as_str()
+        )));
     }
-    audit(&state, &c.name, "key.delete", &name, json!({"scope": scope})).await;
+    audit(
+        &state,
+        &c.name,
+        "key.delete",
+        &name,
+        json!({"scope": scope}),
+    )
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -283,19 +382,29 @@ fn require_admin(c: &Caller) -> Result<(), ApiError> {
     if c.role == "admin" {
         Ok(())
     } else {
-        Err(ApiError::new(StatusCode::FORBIDDEN, "only admin tokens may manage tokens"))
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "only admin tokens may manage tokens",
+        ))
     }
 }
 
 /// `GET /api/v1/tokens`.
-pub async fn list_tokens(c: Caller, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn list_tokens(
+    c: Caller,
+    State(state): State<AppState>,
+) -> Result<Json<Value>, ApiError> {
     require_admin(&c)?;
     let tokens = state.engine.store.list_tokens().await?;
-    Ok(Json(json!(tokens
-        .iter()
-        .map(|t| json!({"id": t.id, "name": t.name, "role": t.role, "created_at": t.created_at,
-                        "revoked_at": t.revoked_at, "last_used_at": t.last_used_at}))
-        .collect::<Vec<_>>())))
+    Ok(Json(json!(
+        tokens
+            .iter()
+            .map(
+                |t| json!({"id": t.id, "name": t.name, "role": t.role, "created_at": t.created_at,
+                        "revoked_at": t.revoked_at, "last_used_at": t.last_used_at})
+            )
+            .collect::<Vec<_>>()
+    )))
 }
 
 #[derive(Debug, Deserialize)]
@@ -306,23 +415,59 @@ struct NewToken {
 }
 
 /// `POST /api/v1/tokens`.
-pub async fn create_token(c: Caller, State(state): State<AppState>, body: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
+pub async fn create_token(
+    c: Caller,
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     require_admin(&c)?;
     let body: NewToken = parse_json(&body)?;
-    if body.name.is_empty() || body.name.len() > 100 || !body.name.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.@".contains(ch)) {
-        return Err(ApiError::bad_request("token names are 1-100 characters: letters, digits, - _ . @"));
+    if body.name.is_empty()
+        || body.name.len() > 100
+        || !body
+            .name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "-_.@".contains(ch))
+    {
+        return Err(ApiError::bad_request(
+            "token names are 1-100 characters: letters, digits, - _ . @",
+        ));
     }
     let role = body.role.unwrap_or_else(|| "admin".into());
-    let (secret, t) = make_token(state.engine.store.as_ref(), &body.name, &role).await.map_err(|e| match e {
-        aviary_store::StoreError::Conflict { .. } => ApiError::new(StatusCode::CONFLICT, format!("a token named '{}' exists; revoke it first or pick another name", body.name)),
-        other => ApiError::from(other),
-    })?;
-    audit(&state, &c.name, "token.create", &t.name, json!({"id": t.id, "role": t.role})).await;
-    Ok((StatusCode::CREATED, Json(json!({"token": secret, "id": t.id, "name": t.name, "role": t.role, "created_at": t.created_at}))))
+    let (secret, t) = make_token(state.engine.store.as_ref(), &body.name, &role)
+        .await
+        .map_err(|e| match e {
+            aviary_store::StoreError::Conflict { .. } => ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "a token named '{}' exists; revoke it first or pick another name",
+                    body.name
+                ),
+            ),
+            other => ApiError::from(other),
+        })?;
+    audit(
+        &state,
+        &c.name,
+        "token.create",
+        &t.name,
+        json!({"id": t.id, "role": t.role}),
+    )
+    .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            json!({"token": secret, "id": t.id, "name": t.name, "role": t.role, "created_at": t.created_at}),
+        ),
+    ))
 }
 
 /// `DELETE /api/v1/tokens/{id or name}`.
-pub async fn revoke_token(c: Caller, State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn revoke_token(
+    c: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     require_admin(&c)?;
     if !state.engine.store.revoke_token(&id, Utc::now()).await? {
         return Err(ApiError::not_found(format!("no active token '{id}'")));
@@ -339,7 +484,10 @@ pub async fn list_packs(_c: Caller, State(state): State<AppState>) -> Json<Value
 
 /// `POST /api/v1/packs/reload`: the new set replaces the running one only if
 /// every pack is valid.
-pub async fn reload_packs(c: Caller, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn reload_packs(
+    c: Caller,
+    State(state): State<AppState>,
+) -> Result<Json<Value>, ApiError> {
     let _guard = state.reload_lock.lock().await;
     let roots = state.engine.config.packs.clone();
     let loaded = tokio::task::spawn_blocking(move || Registry::load(&roots))
@@ -354,14 +502,27 @@ pub async fn reload_packs(c: Caller, State(state): State<AppState>) -> Result<Js
             Ok(Json(json!({"packs": packs})))
         }
         Err(PackLoadError::Invalid(diags)) => {
-            audit(&state, &c.name, "pack.reload", "*", json!({"result": "invalid", "errors": diags.0.len()})).await;
+            audit(
+                &state,
+                &c.name,
+                "pack.reload",
+                "*",
+                json!({"result": "invalid", "errors": diags.0.len()}),
+            )
+            .await;
             Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                format!("{} problem(s) in packs; the running set is unchanged", diags.0.len()),
+                format!(
+                    "{} problem(s) in packs; the running set is unchanged",
+                    diags.0.len()
+                ),
             )
             .with_details(diags.0.iter().map(|d| json!(d.to_string())).collect()))
         }
-        Err(e) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}; the running set is unchanged"))),
+        Err(e) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{e}; the running set is unchanged"),
+        )),
     }
 }
 
@@ -372,8 +533,18 @@ pub struct AuditQuery {
 }
 
 /// `GET /api/v1/audit`.
-pub async fn list_audit(_c: Caller, State(state): State<AppState>, Query(q): Query<AuditQuery>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!(state.engine.store.list_audit(q.limit.unwrap_or(100).min(10_000)).await?)))
+pub async fn list_audit(
+    _c: Caller,
+    State(state): State<AppState>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!(
+        state
+            .engine
+            .store
+            .list_audit(q.limit.unwrap_or(100).min(10_000))
+            .await?
+    )))
 }
 
 /// `GET /api/v1/stats`: counts of trigger instances and executions by status.
@@ -381,7 +552,10 @@ pub async fn stats(_c: Caller, State(state): State<AppState>) -> Result<Json<Val
     let store = &state.engine.store;
     let mut executions = serde_json::Map::new();
     for status in aviary_core::model::ExecutionStatus::ALL {
-        executions.insert(status.as_str().into(), json!(store.count_executions(Some(status)).await?));
+        executions.insert(
+            status.as_str().into(),
+            json!(store.count_executions(Some(status)).await?),
+        );
     }
     Ok(Json(json!({
         "trigger_instances": store.count_trigger_instances().await?,

@@ -7,13 +7,13 @@
 //! requires an API token. `X-GitHub-Delivery` deduplicates redeliveries.
 //! A 2xx answer means the event is durable.
 
+use aviary_core::model::WEBHOOK_TRIGGER;
+use aviary_core::signature::verify_github_signature;
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
-use aviary_core::model::WEBHOOK_TRIGGER;
-use aviary_core::signature::verify_github_signature;
 use serde_json::{Map, Value, json};
 
 use super::{ApiError, AppState, parse_json};
@@ -48,12 +48,18 @@ fn title_case(name: &str) -> String {
 fn headers_json(headers: &HeaderMap) -> Value {
     let mut map = Map::new();
     for (name, value) in headers {
-        if matches!(name.as_str(), "authorization" | "x-auth-token" | "st2-api-key" | "cookie") {
+        if matches!(
+            name.as_str(),
+            "authorization" | "x-auth-token" | "st2-api-key" | "cookie"
+        ) {
             continue;
         }
         let value = Value::String(String::from_utf8_lossy(value.as_bytes()).into_owned());
         let title = title_case(name.as_str());
-        if let Some(spelling) = GITHUB_SPELLINGS.iter().find(|s| s.eq_ignore_ascii_case(name.as_str())) {
+        if let Some(spelling) = GITHUB_SPELLINGS
+            .iter()
+            .find(|s| s.eq_ignore_ascii_case(name.as_str()))
+        {
             map.insert((*spelling).to_string(), value.clone());
         }
         map.insert(title, value);
@@ -145,7 +151,10 @@ async fn webhook_secret(state: &AppState, url: &str) -> Result<Option<String>, A
                 .map_err(|e| {
                     ApiError::new(
                         StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("webhook '{url}': the secret of rule {} cannot be rendered: {e}", rule.reference()),
+                        format!(
+                            "webhook '{url}': the secret of rule {} cannot be rendered: {e}",
+                            rule.reference()
+                        ),
                     )
                 })?;
             match rendered {
@@ -153,7 +162,10 @@ async fn webhook_secret(state: &AppState, url: &str) -> Result<Option<String>, A
                 _ => {
                     return Err(ApiError::new(
                         StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("webhook '{url}': the secret of rule {} is empty; set the datastore key it names", rule.reference()),
+                        format!(
+                            "webhook '{url}': the secret of rule {} is empty; set the datastore key it names",
+                            rule.reference()
+                        ),
                     ));
                 }
             }
@@ -237,6 +249,10 @@ pub async fn receive(
             only_rule: None,
         })
         .await?;
-    let status = if result.duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let status = if result.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
     Ok((status, Json(result)).into_response())
 }

@@ -145,7 +145,11 @@ impl Engine {
                     .collect();
                 &only
             }
-            (Some(url), None) => registry.webhooks.get(url).map(Vec::as_slice).unwrap_or_default(),
+            (Some(url), None) => registry
+                .webhooks
+                .get(url)
+                .map(Vec::as_slice)
+                .unwrap_or_default(),
             (None, None) => registry
                 .by_trigger
                 .get(&event.trigger)
@@ -183,10 +187,8 @@ impl Engine {
             }
             enforcements.push(enforcement);
         }
-        let execution_ids: Vec<String> = executions
-            .iter()
-            .map(|e| e.execution.id.clone())
-            .collect();
+        let execution_ids: Vec<String> =
+            executions.iter().map(|e| e.execution.id.clone()).collect();
         let ti_id = ti.id.clone();
         let outcome = self
             .store
@@ -236,7 +238,13 @@ impl Engine {
             .render_parameters(action, &rule.action.parameters, &ctx)
             .map_err(|e| format!("rule '{}': {e}", rule.reference()))?;
         let mut new = self
-            .build_execution(action, rendered, &kv_secrets, format!("rule:{}", rule.reference()), now)
+            .build_execution(
+                action,
+                rendered,
+                &kv_secrets,
+                format!("rule:{}", rule.reference()),
+                now,
+            )
             .map_err(|e| e.to_string())?;
         new.execution.trigger_instance_id = Some(ti.id.clone());
         new.execution.rule = Some(rule.reference());
@@ -253,7 +261,11 @@ impl Engine {
         templates: &Map<String, Value>,
     ) -> Result<(Value, Vec<String>), StoreError> {
         let mut refs = HashSet::new();
-        collect_kv_refs(&self.templates, &Value::Object(templates.clone()), &mut refs);
+        collect_kv_refs(
+            &self.templates,
+            &Value::Object(templates.clone()),
+            &mut refs,
+        );
         if refs.is_empty() {
             return Ok((ctx.clone(), Vec::new()));
         }
@@ -301,16 +313,17 @@ impl Engine {
         let mut out = Map::new();
         let mut shell_env: Vec<(String, String)> = Vec::new();
         for (name, value) in params {
-            if action.runner_type == SHELL_CMD_RUNNER && name == "cmd" {
-                if let Value::String(text) = value {
-                    let (cmd, env) = self
-                        .templates
-                        .render_shell(text, ctx)
-                        .map_err(|e| format!("parameter 'cmd': {e}"))?;
-                    shell_env.extend(env);
-                    out.insert(name.clone(), Value::String(cmd));
-                    continue;
-                }
+            if action.runner_type == SHELL_CMD_RUNNER
+                && name == "cmd"
+                && let Value::String(text) = value
+            {
+                let (cmd, env) = self
+                    .templates
+                    .render_shell(text, ctx)
+                    .map_err(|e| format!("parameter 'cmd': {e}"))?;
+                shell_env.extend(env);
+                out.insert(name.clone(), Value::String(cmd));
+                continue;
             }
             let rendered = self
                 .templates
@@ -412,7 +425,8 @@ impl Engine {
             .actions
             .get(action_ref)
             .ok_or_else(|| RequestError::UnknownAction(action_ref.to_string()))?;
-        let new = self.build_execution(action, params, &[], requested_by.to_string(), Utc::now())?;
+        let new =
+            self.build_execution(action, params, &[], requested_by.to_string(), Utc::now())?;
         let execution = new.execution.clone();
         self.store.create_execution(new).await?;
         self.queue_notify.notify_one();

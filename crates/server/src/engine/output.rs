@@ -56,7 +56,13 @@ impl OutputHub {
     pub fn open(&self, id: &str) {
         let (tx, _) = broadcast::channel(1024);
         if let Ok(mut map) = self.channels.lock() {
-            map.insert(id.to_string(), Channel { tx, unflushed: Vec::new() });
+            map.insert(
+                id.to_string(),
+                Channel {
+                    tx,
+                    unflushed: Vec::new(),
+                },
+            );
         }
     }
 
@@ -64,36 +70,39 @@ impl OutputHub {
     pub fn subscribe(&self, id: &str) -> Option<Subscription> {
         let map = self.channels.lock().ok()?;
         let ch = map.get(id)?;
-        Some(Subscription { backlog: ch.unflushed.clone(), live: ch.tx.subscribe() })
+        Some(Subscription {
+            backlog: ch.unflushed.clone(),
+            live: ch.tx.subscribe(),
+        })
     }
 
     /// Sends an event to subscribers.
     pub fn send(&self, id: &str, event: LiveEvent) {
-        if let Ok(mut map) = self.channels.lock() {
-            if let Some(ch) = map.get_mut(id) {
-                if let LiveEvent::Output(chunk) = &event {
-                    ch.unflushed.push(chunk.clone());
-                }
-                let _ = ch.tx.send(event);
+        if let Ok(mut map) = self.channels.lock()
+            && let Some(ch) = map.get_mut(id)
+        {
+            if let LiveEvent::Output(chunk) = &event {
+                ch.unflushed.push(chunk.clone());
             }
+            let _ = ch.tx.send(event);
         }
     }
 
     /// Forgets chunks up to `seq`: they are in the store now.
     fn flushed(&self, id: &str, seq: i64) {
-        if let Ok(mut map) = self.channels.lock() {
-            if let Some(ch) = map.get_mut(id) {
-                ch.unflushed.retain(|c| c.seq > seq);
-            }
+        if let Ok(mut map) = self.channels.lock()
+            && let Some(ch) = map.get_mut(id)
+        {
+            ch.unflushed.retain(|c| c.seq > seq);
         }
     }
 
     /// Closes the channel of an execution that ended.
     pub fn close(&self, id: &str) {
-        if let Ok(mut map) = self.channels.lock() {
-            if let Some(ch) = map.remove(id) {
-                let _ = ch.tx.send(LiveEvent::End);
-            }
+        if let Ok(mut map) = self.channels.lock()
+            && let Some(ch) = map.remove(id)
+        {
+            let _ = ch.tx.send(LiveEvent::End);
         }
     }
 }

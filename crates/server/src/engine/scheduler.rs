@@ -74,7 +74,13 @@ pub async fn run_scheduler(engine: Arc<Engine>, shutdown: CancellationToken) {
     }
 }
 
-async fn finish(engine: &Engine, id: &str, from: &[ExecutionStatus], to: ExecutionStatus, result: Value) {
+async fn finish(
+    engine: &Engine,
+    id: &str,
+    from: &[ExecutionStatus],
+    to: ExecutionStatus,
+    result: Value,
+) {
     if let Err(e) = engine
         .store
         .transition_execution(id, from, to, Some(result), Utc::now())
@@ -103,13 +109,26 @@ async fn run_one(engine: &Engine, new: NewExecution) {
     let (params, secrets) = match merge_secrets(engine, &exec, new.secrets.as_deref()) {
         Ok(v) => v,
         Err(msg) => {
-            finish(engine, &id, &[ExecutionStatus::Scheduled], ExecutionStatus::Failed, json!({"error": msg})).await;
+            finish(
+                engine,
+                &id,
+                &[ExecutionStatus::Scheduled],
+                ExecutionStatus::Failed,
+                json!({"error": msg}),
+            )
+            .await;
             return;
         }
     };
     match engine
         .store
-        .transition_execution(&id, &[ExecutionStatus::Scheduled], ExecutionStatus::Running, None, Utc::now())
+        .transition_execution(
+            &id,
+            &[ExecutionStatus::Scheduled],
+            ExecutionStatus::Running,
+            None,
+            Utc::now(),
+        )
         .await
     {
         Ok(true) => {}
@@ -121,7 +140,14 @@ async fn run_one(engine: &Engine, new: NewExecution) {
     }
 
     if exec.runner == "noop" {
-        finish(engine, &id, &[ExecutionStatus::Running, ExecutionStatus::Canceling], ExecutionStatus::Succeeded, json!({})).await;
+        finish(
+            engine,
+            &id,
+            &[ExecutionStatus::Running, ExecutionStatus::Canceling],
+            ExecutionStatus::Succeeded,
+            json!({}),
+        )
+        .await;
         return;
     }
 
@@ -130,25 +156,58 @@ async fn run_one(engine: &Engine, new: NewExecution) {
         running.insert(id.clone(), cancel.clone());
     }
     engine.output.open(&id);
-    engine.output.send(&id, LiveEvent::Status(ExecutionStatus::Running));
+    engine
+        .output
+        .send(&id, LiveEvent::Status(ExecutionStatus::Running));
     let work_dir = engine.config.data_dir.join("work").join(&id);
-    let outcome = match prepare_request(engine, &registry.pack_dirs, &action, &exec, params, secrets, &work_dir) {
+    let outcome = match prepare_request(
+        engine,
+        &registry.pack_dirs,
+        &action,
+        &exec,
+        params,
+        secrets,
+        &work_dir,
+    ) {
         Ok(req) => {
             let (tx, rx) = mpsc::unbounded_channel();
-            let pump_task = tokio::spawn(pump(engine.store.clone(), engine.output.clone(), id.clone(), rx));
+            let pump_task = tokio::spawn(pump(
+                engine.store.clone(),
+                engine.output.clone(),
+                id.clone(),
+                rx,
+            ));
             let outcome = run(req, tx, cancel.clone()).await;
             let _ = pump_task.await;
             Some(outcome)
         }
         Err(msg) => {
-            finish(engine, &id, &[ExecutionStatus::Running, ExecutionStatus::Canceling], ExecutionStatus::Failed, json!({"error": msg})).await;
+            finish(
+                engine,
+                &id,
+                &[ExecutionStatus::Running, ExecutionStatus::Canceling],
+                ExecutionStatus::Failed,
+                json!({"error": msg}),
+            )
+            .await;
             None
         }
     };
     let _ = std::fs::remove_dir_all(&work_dir);
     if let Some(outcome) = outcome {
-        let status = if cancel.is_cancelled() { ExecutionStatus::Canceled } else { outcome.status };
-        finish(engine, &id, &[ExecutionStatus::Running, ExecutionStatus::Canceling], status, outcome.result).await;
+        let status = if cancel.is_cancelled() {
+            ExecutionStatus::Canceled
+        } else {
+            outcome.status
+        };
+        finish(
+            engine,
+            &id,
+            &[ExecutionStatus::Running, ExecutionStatus::Canceling],
+            status,
+            outcome.result,
+        )
+        .await;
         engine.output.send(&id, LiveEvent::Status(status));
     }
     if let Ok(mut running) = engine.running.lock() {
@@ -166,11 +225,13 @@ fn merge_secrets(
     let mut params = exec.parameters.as_object().cloned().unwrap_or_default();
     let mut secrets = Vec::new();
     if let Some(blob) = blob {
-        let plain = engine
-            .secret_key
-            .decrypt(blob)
-            .map_err(|e| format!("cannot decrypt the execution's secret parameters: {e}; was the key file replaced?"))?;
-        let parsed: Value = serde_json::from_str(&plain).map_err(|e| format!("corrupt secret parameters: {e}"))?;
+        let plain = engine.secret_key.decrypt(blob).map_err(|e| {
+            format!(
+                "cannot decrypt the execution's secret parameters: {e}; was the key file replaced?"
+            )
+        })?;
+        let parsed: Value =
+            serde_json::from_str(&plain).map_err(|e| format!("corrupt secret parameters: {e}"))?;
         if let Some(map) = parsed.get("parameters").and_then(Value::as_object) {
             for (k, v) in map {
                 secrets.push(match v {
@@ -203,9 +264,10 @@ fn prepare_request(
     };
     std::fs::create_dir_all(work_dir)
         .map_err(|e| format!("cannot create work dir {}: {e}", work_dir.display()))?;
-    let runner_param_names: Vec<String> = aviary_core::runner_types::runner_parameters(&action.runner_type)
-        .map(|s| s.0.into_iter().map(|(n, _)| n).collect())
-        .unwrap_or_default();
+    let runner_param_names: Vec<String> =
+        aviary_core::runner_types::runner_parameters(&action.runner_type)
+            .map(|s| s.0.into_iter().map(|(n, _)| n).collect())
+            .unwrap_or_default();
     let positions = action
         .parameters
         .0
@@ -238,9 +300,12 @@ fn resolve_entry_point(
     action: &ActionMeta,
     entry_point: &str,
 ) -> Result<PathBuf, String> {
-    let dir = pack_dirs
-        .get(&action.pack)
-        .ok_or_else(|| format!("pack '{}' has no folder for entry point '{entry_point}'", action.pack))?;
+    let dir = pack_dirs.get(&action.pack).ok_or_else(|| {
+        format!(
+            "pack '{}' has no folder for entry point '{entry_point}'",
+            action.pack
+        )
+    })?;
     let root = dir
         .canonicalize()
         .map_err(|e| format!("pack folder {}: {e}", dir.display()))?;

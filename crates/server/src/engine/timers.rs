@@ -15,7 +15,10 @@ use tokio_util::sync::CancellationToken;
 use super::{Engine, Event};
 
 fn is_timer(kind: &str) -> bool {
-    matches!(kind, INTERVAL_TIMER_TRIGGER | CRON_TIMER_TRIGGER | DATE_TIMER_TRIGGER)
+    matches!(
+        kind,
+        INTERVAL_TIMER_TRIGGER | CRON_TIMER_TRIGGER | DATE_TIMER_TRIGGER
+    )
 }
 
 struct Planned {
@@ -23,7 +26,11 @@ struct Planned {
     next: DateTime<Utc>,
 }
 
-fn plan(engine: &Engine, previous: &HashMap<String, Planned>, now: DateTime<Utc>) -> HashMap<String, Planned> {
+fn plan(
+    engine: &Engine,
+    previous: &HashMap<String, Planned>,
+    now: DateTime<Utc>,
+) -> HashMap<String, Planned> {
     let registry = engine.registry.load_full();
     let mut out = HashMap::new();
     for rule in registry.rules.iter().filter(|r| is_timer(&r.trigger.kind)) {
@@ -64,7 +71,9 @@ pub async fn run_timers(engine: Arc<Engine>, shutdown: CancellationToken) {
             .map(|(r, _)| r.clone())
             .collect();
         for reference in due {
-            let Some(p) = planned.get_mut(&reference) else { continue };
+            let Some(p) = planned.get_mut(&reference) else {
+                continue;
+            };
             let fired_at = p.next;
             let registry = engine.registry.load_full();
             if let Some(rule) = registry.rule(&reference) {
