@@ -3,6 +3,8 @@
 //! installs it and runs the postinst (root only), builds are byte-identical,
 //! and bad input is refused before anything is written.
 
+#![allow(clippy::unwrap_used)]
+
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
@@ -64,14 +66,21 @@ fn sample_repo(dir: &Path, name: &str, marker: &Path) -> PathBuf {
         "#!/bin/sh\necho hi; exit 0\n",
         0o755,
     );
-    write(&repo, "app/static/style.css", "body { color: red; }\n", 0o600);
+    write(
+        &repo,
+        "app/static/style.css",
+        "body { color: red; }\n",
+        0o600,
+    );
     let deep = format!("app/{}/deep.txt", "d".repeat(60) + "/" + &"e".repeat(60));
     write(&repo, &deep, "deep\n", 0o644);
     write(&repo, "logs/build.log", "noise\n", 0o644);
     write(&repo, "config/extra.conf", "key=value\n", 0o644);
     write(
         &repo,
-        "debian-root/etc/NAME/app.conf".replace("NAME", name).as_str(),
+        "debian-root/etc/NAME/app.conf"
+            .replace("NAME", name)
+            .as_str(),
         "port=8080\n",
         0o644,
     );
@@ -141,7 +150,12 @@ fn metadata_is_read_with_defaults() {
         r#"{"name":"svc","version":"2.0","depends":["a","b (>= 1)"]}"#,
         0o644,
     );
-    write(&repo, ".aviary/package.yaml", "depends: c, d\nprefix: /srv/svc/\n", 0o644);
+    write(
+        &repo,
+        ".aviary/package.yaml",
+        "depends: c, d\nprefix: /srv/svc/\n",
+        0o644,
+    );
     let meta = read_metadata(&repo).unwrap();
     assert_eq!(meta.name, "svc");
     assert_eq!(meta.depends, vec!["c", "d"]);
@@ -177,9 +191,17 @@ fn dpkg_deb_reads_the_package() {
         let info = run(Command::new("dpkg-deb").args(["--info", deb]));
         assert!(info.contains(&format!(" Package: {name}\n")), "{info}");
         assert!(info.contains(" Version: 1.2.3-42.0123456\n"), "{info}");
-        assert!(info.contains(" Depends: dash, coreutils (>= 8)\n"), "{info}");
+        assert!(
+            info.contains(" Depends: dash, coreutils (>= 8)\n"),
+            "{info}"
+        );
         assert!(info.contains(" Section: web\n"), "{info}");
-        assert!(info.contains(" Description: Seat sharing web application\n  Books seats and shares them.\n"), "{info}");
+        assert!(
+            info.contains(
+                " Description: Seat sharing web application\n  Books seats and shares them.\n"
+            ),
+            "{info}"
+        );
         assert!(info.contains(&format!(" Installed-Size: {}\n", built.installed_size_kb)));
 
         let conffiles = run(Command::new("dpkg-deb").args(["-I", deb, "conffiles"]));
@@ -208,7 +230,12 @@ fn dpkg_deb_reads_the_package() {
         ] {
             assert!(contents.contains(want), "missing {want:?} in\n{contents}");
         }
-        assert!(contents.contains(&format!("-rwxr-xr-x root/root        26 2023-11-14 22:13 ./opt/{name}/app/server.py\n")), "{contents}");
+        assert!(
+            contents.contains(&format!(
+                "-rwxr-xr-x root/root        26 2023-11-14 22:13 ./opt/{name}/app/server.py\n"
+            )),
+            "{contents}"
+        );
         assert!(contents.contains(&format!("-rw-r--r-- root/root        21 2023-11-14 22:13 ./opt/{name}/app/static/style.css\n")), "{contents}");
         for absent in [".git", ".gitignore", "build.log", "debian-root", ".aviary"] {
             assert!(!contents.contains(absent), "{absent} packaged:\n{contents}");
@@ -230,7 +257,11 @@ fn dpkg_deb_reads_the_package() {
         assert!(!md5sums.contains("etc/"), "conffiles are not in md5sums");
         fs::write(tmp.path().join("md5sums"), &md5sums).unwrap();
         run(Command::new("md5sum")
-            .args(["--quiet", "-c", tmp.path().join("md5sums").to_str().unwrap()])
+            .args([
+                "--quiet",
+                "-c",
+                tmp.path().join("md5sums").to_str().unwrap(),
+            ])
             .current_dir(&x));
         // Every file but the two conffiles and the symlink has an md5sum.
         assert_eq!(md5sums.lines().count() + 2 + 1, built.files, "{md5sums}");
@@ -280,7 +311,11 @@ fn lintian_reports_no_errors() {
     let tmp = tempfile::tempdir().unwrap();
     // The marker is never written here; outside /tmp so that lintian does not
     // flag the embedded postrm for /tmp handling.
-    let repo = sample_repo(tmp.path(), "aviary-lintian", Path::new("/var/lib/aviary-lintian-marker"));
+    let repo = sample_repo(
+        tmp.path(),
+        "aviary-lintian",
+        Path::new("/var/lib/aviary-lintian-marker"),
+    );
     // A repository with nothing but the convention scripts: all defaults.
     let minimal = tmp.path().join("aviary-minimal");
     for script in ["script/cisetup", "script/cibuild", "script/post-inst"] {
@@ -291,16 +326,26 @@ fn lintian_reports_no_errors() {
         (&repo, Compression::Xz { level: 6 }),
         (&minimal, Compression::default()),
     ] {
-        let out = tmp.path().join(format!("{}-{}", compression.extension(), repo.display()).replace('/', "_"));
+        let out = tmp
+            .path()
+            .join(format!("{}-{}", compression.extension(), repo.display()).replace('/', "_"));
         let mut req = request(repo, &out);
         req.compression = compression;
         let built = build(&req).unwrap();
         let out = Command::new("lintian")
-            .args(["--tag-display-limit", "0", "--display-info", built.path.to_str().unwrap()])
+            .args([
+                "--tag-display-limit",
+                "0",
+                "--display-info",
+                built.path.to_str().unwrap(),
+            ])
             .output()
             .unwrap();
         let report = String::from_utf8_lossy(&out.stdout);
-        println!("lintian ({compression:?}):\n{report}{}", String::from_utf8_lossy(&out.stderr));
+        println!(
+            "lintian ({compression:?}):\n{report}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(
             !report.lines().any(|l| l.starts_with("E:")),
             "lintian errors:\n{report}"
@@ -347,11 +392,18 @@ fn dpkg_installs_it_and_runs_the_postinst() {
     let built = build(&request(&repo, &tmp.path().join("out"))).unwrap();
     run(Command::new("dpkg").args(["-i", built.path.to_str().unwrap()]));
     let log = fs::read_to_string(&marker).unwrap();
-    assert_eq!(log.trim_end(), "post-inst configure", "postinst ran with configure");
+    assert_eq!(
+        log.trim_end(),
+        "post-inst configure",
+        "postinst ran with configure"
+    );
     assert!(Path::new(&format!("/opt/{NAME}/app/server.py")).is_file());
     let status = run(Command::new("dpkg-query").args(["-W", "-f=${Version} ${Conffiles}", NAME]));
     assert!(status.starts_with("1.2.3-42.0123456 "), "{status}");
-    assert!(status.contains(&format!("/etc/{NAME}/app.conf")), "{status}");
+    assert!(
+        status.contains(&format!("/etc/{NAME}/app.conf")),
+        "{status}"
+    );
 
     // Upgrade: the postinst gets the old version.
     let mut next = request(&repo, &tmp.path().join("out2"));
@@ -360,7 +412,10 @@ fn dpkg_installs_it_and_runs_the_postinst() {
     run(Command::new("dpkg").args(["-i", built2.path.to_str().unwrap()]));
     let log = fs::read_to_string(&marker).unwrap();
     assert!(log.contains("pre-rm upgrade 1.2.3-43.0123456\n"), "{log}");
-    assert!(log.ends_with("post-inst configure 1.2.3-42.0123456\n"), "{log}");
+    assert!(
+        log.ends_with("post-inst configure 1.2.3-42.0123456\n"),
+        "{log}"
+    );
 
     run(Command::new("dpkg").args(["-P", NAME]));
     let log = fs::read_to_string(&marker).unwrap();
@@ -389,21 +444,37 @@ fn bad_input_is_refused_before_writing() {
     let repo = sample_repo(tmp.path(), "aviary-bad", &tmp.path().join("marker"));
     let fpm = fs::read_to_string(repo.join("fpm.json")).unwrap();
 
-    write(&repo, "fpm.json", &fpm.replace("aviary-bad", "Aviary_Bad"), 0o644);
+    write(
+        &repo,
+        "fpm.json",
+        &fpm.replace("aviary-bad", "Aviary_Bad"),
+        0o644,
+    );
     let msg = assert_refused(&repo, &out, |e| matches!(e, DebError::InvalidName { .. }));
     assert!(msg.contains("lowercase"), "{msg}");
 
     write(&repo, "fpm.json", &fpm.replace("1.2.3", "v1.2.3"), 0o644);
-    let msg = assert_refused(&repo, &out, |e| matches!(e, DebError::InvalidVersion { .. }));
+    let msg = assert_refused(&repo, &out, |e| {
+        matches!(e, DebError::InvalidVersion { .. })
+    });
     assert!(msg.contains("start with a digit"), "{msg}");
     write(&repo, "fpm.json", &fpm, 0o644);
 
     let mut req = request(&repo, &out);
     req.build_number = Some("4-2".into());
-    assert!(matches!(build(&req), Err(DebError::InvalidVersion { part: "build number", .. })));
+    assert!(matches!(
+        build(&req),
+        Err(DebError::InvalidVersion {
+            part: "build number",
+            ..
+        })
+    ));
     req.build_number = None;
     req.commit = Some("not-a-commit".into());
-    assert!(matches!(build(&req), Err(DebError::InvalidVersion { part: "commit", .. })));
+    assert!(matches!(
+        build(&req),
+        Err(DebError::InvalidVersion { part: "commit", .. })
+    ));
 
     let yaml = fs::read_to_string(repo.join(".aviary/package.yaml")).unwrap();
     write(
@@ -417,20 +488,41 @@ fn bad_input_is_refused_before_writing() {
     write(&repo, ".aviary/package.yaml", &yaml, 0o644);
 
     symlink("/etc/passwd", repo.join("app/passwd")).unwrap();
-    let msg = assert_refused(&repo, &out, |e| matches!(e, DebError::SymlinkEscapes { .. }));
-    assert!(msg.contains("app/passwd") && msg.contains("absolute"), "{msg}");
+    let msg = assert_refused(&repo, &out, |e| {
+        matches!(e, DebError::SymlinkEscapes { .. })
+    });
+    assert!(
+        msg.contains("app/passwd") && msg.contains("absolute"),
+        "{msg}"
+    );
     fs::remove_file(repo.join("app/passwd")).unwrap();
 
     symlink("../../outside", repo.join("app/out")).unwrap();
-    assert_refused(&repo, &out, |e| matches!(e, DebError::SymlinkEscapes { .. }));
+    assert_refused(&repo, &out, |e| {
+        matches!(e, DebError::SymlinkEscapes { .. })
+    });
     fs::remove_file(repo.join("app/out")).unwrap();
 
-    fs::set_permissions(repo.join("script/post-inst"), fs::Permissions::from_mode(0o644)).unwrap();
-    let msg = assert_refused(&repo, &out, |e| matches!(e, DebError::ConventionScript { .. }));
-    assert!(msg.contains("script/post-inst") && msg.contains("not executable"), "{msg}");
-    assert!(msg.contains("script/cisetup, script/cibuild and script/post-inst"), "{msg}");
+    fs::set_permissions(
+        repo.join("script/post-inst"),
+        fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let msg = assert_refused(&repo, &out, |e| {
+        matches!(e, DebError::ConventionScript { .. })
+    });
+    assert!(
+        msg.contains("script/post-inst") && msg.contains("not executable"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("script/cisetup, script/cibuild and script/post-inst"),
+        "{msg}"
+    );
     fs::remove_file(repo.join("script/post-inst")).unwrap();
-    let msg = assert_refused(&repo, &out, |e| matches!(e, DebError::ConventionScript { .. }));
+    let msg = assert_refused(&repo, &out, |e| {
+        matches!(e, DebError::ConventionScript { .. })
+    });
     assert!(msg.contains("is missing"), "{msg}");
     write(&repo, "script/post-inst", "#!/bin/sh\n", 0o755);
 
@@ -440,7 +532,9 @@ fn bad_input_is_refused_before_writing() {
         &format!("{yaml}conffiles: [/etc/nowhere.conf]\n"),
         0o644,
     );
-    assert_refused(&repo, &out, |e| matches!(e, DebError::UnknownConffile { .. }));
+    assert_refused(&repo, &out, |e| {
+        matches!(e, DebError::UnknownConffile { .. })
+    });
     write(&repo, ".aviary/package.yaml", &yaml, 0o644);
 
     // And the fixed repository builds.

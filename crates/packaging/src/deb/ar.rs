@@ -45,6 +45,7 @@ pub fn write_member<W: Write>(out: &mut W, name: &str, mtime: u64, data: &[u8]) 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -327,6 +327,10 @@ fn worker(
     results: &SyncSender<(u64, io::Result<Vec<u8>>)>,
 ) {
     let mut c = Compress::new(flate2::Compression::new(level), false);
+    // Chunks that look incompressible (random or already compressed data)
+    // get deflate's fastest level: the long match search would find nothing.
+    let fast_level = level.min(1);
+    let mut fast = Compress::new(flate2::Compression::new(fast_level), false);
     loop {
         let job = {
             let Ok(rx) = jobs.lock() else { return };
@@ -335,12 +339,57 @@ fn worker(
                 Err(_) => return,
             }
         };
+        let c = if looks_incompressible(&job.data) {
+            &mut fast
+        } else {
+            &mut c
+        };
         c.reset();
-        let result = deflate_chunk(&mut c, &job);
+        let result = deflate_chunk(c, &job);
         if results.send((job.index, result)).is_err() {
             return;
         }
     }
+}
+
+/// Order-0 entropy above 7.9 bits per byte: (nearly) only random or
+/// already compressed data, where deflate finds no matches anyway.
+/// Computed in integer fixed point, so the decision (and the output) depends
+/// only on the chunk, never on the platform's floating-point library.
+fn looks_incompressible(data: &[u8]) -> bool {
+    if data.len() < 16 * 1024 {
+        return false;
+    }
+    let mut counts = [0u32; 256];
+    for &b in data {
+        counts[usize::from(b)] += 1;
+    }
+    let n = data.len() as u64;
+    // n * H = n*log2(n) - sum(c*log2(c)), all in Q16.
+    let sum: u64 = counts
+        .iter()
+        .filter(|&&c| c > 1)
+        .map(|&c| u64::from(c) * log2_q16(u64::from(c)))
+        .sum();
+    let n_h = n * log2_q16(n) - sum;
+    // H > 7.9  <=>  n*H (Q16) > 7.9 * 2^16 * n  (7.9 * 65536 = 517734.4)
+    n_h > n * 517_734
+}
+
+/// log2(x) in Q16 fixed point, integer arithmetic only (x >= 1).
+fn log2_q16(x: u64) -> u64 {
+    let int = u64::from(x.ilog2());
+    // Mantissa in [1, 2) as Q31.
+    let mut y: u128 = (u128::from(x) << 31) >> int;
+    let mut frac = 0u64;
+    for bit in (0..16).rev() {
+        y = (y * y) >> 31;
+        if y >= 2 << 31 {
+            y >>= 1;
+            frac |= 1 << bit;
+        }
+    }
+    (int << 16) | frac
 }
 
 /// Raw-deflates one chunk (sync flush, or finish for the last chunk).
@@ -374,6 +423,7 @@ fn deflate_chunk(c: &mut Compress, job: &Job) -> io::Result<Vec<u8>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::io::Read;
@@ -383,7 +433,11 @@ mod tests {
         (0..len)
             .map(|i| {
                 x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-                if i % 3 == 0 { (x >> 16) as u8 } else { b"abcdefgh"[i % 8] }
+                if i % 3 == 0 {
+                    (x >> 16) as u8
+                } else {
+                    b"abcdefgh"[i % 8]
+                }
             })
             .collect()
     }
@@ -407,6 +461,26 @@ mod tests {
                 .unwrap();
             assert_eq!(back, data, "len {len}");
         }
+    }
+
+    #[test]
+    fn entropy_estimate() {
+        assert_eq!(log2_q16(1), 0);
+        assert_eq!(log2_q16(1024), 10 << 16);
+        let l3 = log2_q16(3) as f64 / 65536.0;
+        assert!((l3 - 3f64.log2()).abs() < 1e-4, "{l3}");
+        let text: Vec<u8> = b"the canary deploys a package ".repeat(2000);
+        assert!(!looks_incompressible(&text));
+        let mut x: u64 = 88172645463325252;
+        let random: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        assert!(looks_incompressible(&random));
     }
 
     #[test]

@@ -150,7 +150,11 @@ pub fn common_license(name: &str) -> Option<&'static str> {
 
 /// Recognizes the full text of the licenses lintian looks for.
 fn common_license_from_text(text: &str) -> Option<&'static str> {
-    let head: String = text.chars().take(2000).collect::<String>().to_ascii_lowercase();
+    let head: String = text
+        .chars()
+        .take(2000)
+        .collect::<String>()
+        .to_ascii_lowercase();
     if head.contains("apache license") && head.contains("version 2.0") {
         Some("Apache-2.0")
     } else if head.contains("gnu lesser general public license") && head.contains("version 3") {
@@ -169,7 +173,12 @@ fn common_license_from_text(text: &str) -> Option<&'static str> {
 }
 
 /// `changelog.Debian` (uncompressed), one entry for this build.
-pub fn changelog(meta: &PackageMetadata, version: &str, commit: Option<&str>, mtime: u64) -> String {
+pub fn changelog(
+    meta: &PackageMetadata,
+    version: &str,
+    commit: Option<&str>,
+    mtime: u64,
+) -> String {
     let what = match commit {
         Some(c) => format!("Automated build by Aviary.\n  * Commit {c}."),
         None => "Automated build by Aviary.".to_owned(),
@@ -228,6 +237,7 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -40,7 +40,9 @@ pub enum DebError {
     },
 
     /// The package name breaks dpkg's naming rules.
-    #[error("invalid package name {name:?} (from {origin}): {rule}; set a valid \"name\" in fpm.json")]
+    #[error(
+        "invalid package name {name:?} (from {origin}): {rule}; set a valid \"name\" in fpm.json"
+    )]
     InvalidName {
         /// The offending name.
         name: String,

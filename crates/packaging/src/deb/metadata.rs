@@ -231,11 +231,11 @@ pub fn read_metadata(repo_dir: &Path) -> Result<PackageMetadata, DebError> {
     };
     validate_name(&name, &name_origin)?;
 
-    let (version, version_origin) =
-        match pick(yaml.version, fpm.version, &yaml_origin, &fpm_origin) {
-            Some((v, o)) => (v.into_string(), o),
-            None => (DEFAULT_VERSION.to_owned(), "the default".to_owned()),
-        };
+    let (version, version_origin) = match pick(yaml.version, fpm.version, &yaml_origin, &fpm_origin)
+    {
+        Some((v, o)) => (v.into_string(), o),
+        None => (DEFAULT_VERSION.to_owned(), "the default".to_owned()),
+    };
     validate_upstream_version(&version, &version_origin)?;
 
     let epoch = match pick(yaml.epoch, fpm.epoch, &yaml_origin, &fpm_origin) {
@@ -260,9 +260,13 @@ pub fn read_metadata(repo_dir: &Path) -> Result<PackageMetadata, DebError> {
         None => None,
     };
 
-    let (architecture, arch_origin) =
-        pick(yaml.architecture, fpm.architecture, &yaml_origin, &fpm_origin)
-            .unwrap_or_else(|| ("all".to_owned(), "the default".to_owned()));
+    let (architecture, arch_origin) = pick(
+        yaml.architecture,
+        fpm.architecture,
+        &yaml_origin,
+        &fpm_origin,
+    )
+    .unwrap_or_else(|| ("all".to_owned(), "the default".to_owned()));
     validate_architecture(&architecture, &arch_origin)?;
 
     let (maintainer, maint_origin) =
@@ -548,7 +552,24 @@ fn validate_token(field: &'static str, value: &str, origin: &str) -> Result<(), 
 /// Checks one Depends relation (`pkg`, `pkg (>= 1.0)`, `a | b`).
 fn validate_relation(rel: &str, origin: &str) -> Result<(), DebError> {
     let ok_chars = rel.chars().all(|c| {
-        c.is_ascii_alphanumeric() || matches!(c, ' ' | '(' | ')' | '<' | '>' | '=' | '|' | '.' | '+' | '-' | '~' | ':' | '[' | ']' | '!')
+        c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                ' ' | '('
+                    | ')'
+                    | '<'
+                    | '>'
+                    | '='
+                    | '|'
+                    | '.'
+                    | '+'
+                    | '-'
+                    | '~'
+                    | ':'
+                    | '['
+                    | ']'
+                    | '!'
+            )
     });
     let starts_ok = rel.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit());
     if !ok_chars || !starts_ok {
@@ -597,7 +618,8 @@ fn default_synopsis(readme: Option<String>, name: &str) -> String {
         Some(line) => {
             let lower = line.to_ascii_lowercase();
             let starts_with_name = lower.starts_with(name)
-                && !lower[name.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_');
+                && !lower[name.len()..]
+                    .starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_');
             let normalized_name = name.replace(['-', '_'], " ");
             let normalized_line = lower.replace(['-', '_', '/', '\\'], " ");
             if starts_with_name || normalized_line == normalized_name {
@@ -659,11 +681,7 @@ fn clean_components<'a>(
 }
 
 /// Normalizes a repository-relative path (no leading `/`, no `..`).
-fn clean_relative(
-    path: &str,
-    origin: &str,
-    boundary: &'static str,
-) -> Result<String, DebError> {
+fn clean_relative(path: &str, origin: &str, boundary: &'static str) -> Result<String, DebError> {
     if path.starts_with('/') {
         return Err(DebError::PathEscapes {
             path: path.to_owned(),
@@ -727,6 +745,7 @@ fn normalize_prefix(prefix: &str, origin: &str) -> Result<String, DebError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -779,7 +798,10 @@ mod tests {
 
     #[test]
     fn default_synopsis_avoids_the_package_name() {
-        assert_eq!(default_synopsis(None, "app"), "Application app, packaged by Aviary");
+        assert_eq!(
+            default_synopsis(None, "app"),
+            "Application app, packaged by Aviary"
+        );
         assert_eq!(
             default_synopsis(Some("Seatshare books seats".into()), "seatshare"),
             "Application: Seatshare books seats"

@@ -128,7 +128,11 @@ pub fn build(req: &BuildRequest) -> Result<BuiltPackage, DebError> {
         (None, None) => (mtime.to_string(), "the build timestamp"),
     };
     metadata::validate_revision_part(&build_number, "build number", bn_origin)?;
-    let short = req.commit.as_deref().map(metadata::short_commit).transpose()?;
+    let short = req
+        .commit
+        .as_deref()
+        .map(metadata::short_commit)
+        .transpose()?;
     let iteration = match &short {
         Some(s) => format!("{build_number}.{s}"),
         None => build_number,
@@ -161,7 +165,10 @@ pub fn build(req: &BuildRequest) -> Result<BuiltPackage, DebError> {
             let path = repo.join(rel);
             check_maintainer_script("prerm", &path, true)?;
             let dest = format!("{}/{rel}", meta.prefix);
-            if !matches!(plan.get(&dest).map(|p| &p.source), Some(Source::File { .. })) {
+            if !matches!(
+                plan.get(&dest).map(|p| &p.source),
+                Some(Source::File { .. })
+            ) {
                 return Err(DebError::MaintainerScript {
                     field: "prerm",
                     path,
@@ -177,7 +184,10 @@ pub fn build(req: &BuildRequest) -> Result<BuiltPackage, DebError> {
             let path = repo.join(rel);
             check_maintainer_script("postrm", &path, false)?;
             let content = std::fs::read(&path).map_err(DebError::io("reading", &path))?;
-            let delimiter = format!("AVIARY_POSTRM_{}", &hex::encode(Sha256::digest(&content))[..16]);
+            let delimiter = format!(
+                "AVIARY_POSTRM_{}",
+                &hex::encode(Sha256::digest(&content))[..16]
+            );
             Some(control::postrm(&content, &delimiter).ok_or_else(|| {
                 DebError::MaintainerScript {
                     field: "postrm",
@@ -200,7 +210,9 @@ pub fn build(req: &BuildRequest) -> Result<BuiltPackage, DebError> {
     };
     plan.insert(
         &format!("{doc}/copyright"),
-        generated(control::copyright(&meta, license_text.as_deref(), control::year(mtime)).into_bytes()),
+        generated(
+            control::copyright(&meta, license_text.as_deref(), control::year(mtime)).into_bytes(),
+        ),
     )?;
     let changelog = control::changelog(&meta, &version, req.commit.as_deref(), mtime);
     plan.insert(
@@ -395,10 +407,7 @@ fn write_data_tar<W: Write + Send>(
             }
         }
     }
-    let mut inner = t
-        .finish()
-        .and_then(|enc| enc.finish())
-        .map_err(werr)?;
+    let mut inner = t.finish().and_then(|enc| enc.finish()).map_err(werr)?;
     inner.flush().map_err(werr)?;
     Ok(md5sums)
 }

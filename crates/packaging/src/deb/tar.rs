@@ -132,14 +132,7 @@ impl<W: Write> TarWriter<W> {
     fn long_entry(&mut self, typeflag: u8, value: &str) -> io::Result<()> {
         let mut data = value.as_bytes().to_vec();
         data.push(0);
-        let block = build_header(
-            b"././@LongLink",
-            0o644,
-            data.len() as u64,
-            0,
-            typeflag,
-            b"",
-        );
+        let block = build_header(b"././@LongLink", 0o644, data.len() as u64, 0, typeflag, b"");
         self.out.write_all(&block)?;
         self.out.write_all(&data)?;
         self.pad(data.len() as u64)
@@ -196,6 +189,7 @@ fn build_header(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

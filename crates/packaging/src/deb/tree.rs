@@ -351,6 +351,7 @@ fn check_symlink(path: &Path, rel: &str, target: &str) -> Result<(), DebError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
