@@ -409,6 +409,20 @@ async fn main() -> Result<()> {
         }
     );
     let _ = st;
+    drop(server);
+    if args.backend == "postgres" {
+        // Drop the benchmark's schema (best effort).
+        let _ = Command::new("psql")
+            .arg(&args.postgres)
+            .arg("-qc")
+            .arg(format!(
+                "DROP SCHEMA IF EXISTS aviary_bench_{} CASCADE",
+                std::process::id()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
     Ok(())
 }
 

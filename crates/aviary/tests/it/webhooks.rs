@@ -250,3 +250,45 @@ action:
         "app hello"
     );
 }
+
+#[test]
+fn actions_emit_custom_triggers_with_their_own_token() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pack = dir.path().join("ci");
+    write(
+        &pack.join("pack.yaml"),
+        "ref: ci\nname: ci\ndescription: emit test\nversion: 0.0.1\n",
+    );
+    write(
+        &pack.join("rules/on_build.yaml"),
+        "name: on_build\npack: ci\ntrigger:\n  type: ci.build\ncriteria:\n  trigger.status:\n    type: equals\n    pattern: succeeded\naction:\n  ref: core.echo\n  parameters:\n    message: \"built {{ trigger.commit }}\"\n",
+    );
+    let s = Server::start(Backend::Sqlite, &[&pack]);
+    let cmd = r#"curl -sf -H "Authorization: Bearer $AVIARY_API_TOKEN" -H 'content-type: application/json' -d '{"trigger":"ci.build","payload":{"status":"succeeded","commit":"abc123"}}' "$AVIARY_API_URL/api/v1/webhooks/st2""#;
+    let (st, e) = s.post(
+        "/api/v1/executions",
+        json!({"action": "core.local", "parameters": {"cmd": cmd}}),
+    );
+    assert_eq!(st, 201, "{e}");
+    let done = s.wait_execution(e["id"].as_str().expect("id"));
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let echo = s.wait_for("the rule on the emitted trigger", || {
+        s.executions("action=core.echo").into_iter().next()
+    });
+    let echo = s.wait_execution(echo["id"].as_str().expect("id"));
+    assert_eq!(echo["result"]["stdout"], "built abc123");
+    // The execution's token is revoked once it ended.
+    let (_, tokens) = s.get("/api/v1/tokens");
+    let token = tokens
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|t| {
+            t["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("execution-"))
+        })
+        .cloned()
+        .expect("execution token");
+    assert!(!token["revoked_at"].is_null(), "{token}");
+}

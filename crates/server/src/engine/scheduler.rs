@@ -26,50 +26,61 @@ const POLL_EVERY: Duration = Duration::from_millis(500);
 const MAX_CLAIM: usize = 256;
 
 /// Runs the scheduler until `shutdown` fires.
+///
+/// It waits for a free worker, claims as many requested executions as there
+/// are free workers, and starts them. When the queue is empty it sleeps until
+/// an execution is requested (or a poll interval passes, for executions
+/// requested by other servers sharing the database).
 pub async fn run_scheduler(engine: Arc<Engine>, shutdown: CancellationToken) {
     let permits = Arc::new(Semaphore::new(engine.config.workers));
     loop {
-        let free = permits.available_permits().min(MAX_CLAIM);
-        let mut claimed_full = false;
-        if free > 0 {
-            match engine
-                .store
-                .claim_executions(&engine.config.node, free as u32)
-                .await
-            {
-                Ok(batch) => {
-                    claimed_full = batch.len() == free;
-                    for new in batch {
-                        let Ok(permit) = permits.clone().acquire_owned().await else {
-                            return;
-                        };
-                        let engine = engine.clone();
-                        tokio::spawn(async move {
-                            run_one(&engine, new).await;
-                            drop(permit);
-                        });
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot claim executions from the queue");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
-        if claimed_full {
-            continue;
-        }
-        tokio::select! {
+        let first = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = engine.queue_notify.notified() => {}
-            _ = tokio::time::sleep(POLL_EVERY) => {}
-        }
-        if permits.available_permits() == 0 {
-            // Wait until a worker frees up before claiming more.
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let want = (1 + permits.available_permits()).min(MAX_CLAIM);
+        let batch = match engine
+            .store
+            .claim_executions(&engine.config.node, want as u32)
+            .await
+        {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot claim executions from the queue");
+                drop(first);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            drop(first);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                p = permits.clone().acquire_owned() => drop(p),
+                _ = engine.queue_notify.notified() => {}
+                _ = tokio::time::sleep(POLL_EVERY) => {}
             }
+            continue;
+        }
+        let mut first = Some(first);
+        for new in batch {
+            let permit = match first.take() {
+                Some(p) => p,
+                None => match permits.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                run_one(&engine, new).await;
+                drop(permit);
+            });
         }
     }
 }
@@ -160,7 +171,22 @@ async fn run_one(engine: &Engine, new: NewExecution) {
         .output
         .send(&id, LiveEvent::Status(ExecutionStatus::Running));
     let work_dir = engine.config.data_dir.join("work").join(&id);
-    let outcome = match prepare_request(
+    // A token valid while the action runs, so it can call the API (emit
+    // triggers, read keys); revoked when it ends.
+    let action_token = match crate::auth::create_token(
+        engine.store.as_ref(),
+        &format!("execution-{id}"),
+        "action",
+    )
+    .await
+    {
+        Ok((secret, _)) => Some(secret),
+        Err(e) => {
+            tracing::warn!(execution = %id, error = %e, "cannot create the execution's API token");
+            None
+        }
+    };
+    let prepared = prepare_request(
         engine,
         &registry.pack_dirs,
         &action,
@@ -168,7 +194,18 @@ async fn run_one(engine: &Engine, new: NewExecution) {
         params,
         secrets,
         &work_dir,
-    ) {
+    )
+    .map(|mut req| {
+        if let Some(token) = &action_token {
+            req.extra_env
+                .push(("AVIARY_API_TOKEN".into(), token.clone()));
+            req.extra_env
+                .push(("ST2_ACTION_AUTH_TOKEN".into(), token.clone()));
+            req.secrets.push(token.clone());
+        }
+        req
+    });
+    let outcome = match prepared {
         Ok(req) => {
             let (tx, rx) = mpsc::unbounded_channel();
             let pump_task = tokio::spawn(pump(
@@ -194,6 +231,15 @@ async fn run_one(engine: &Engine, new: NewExecution) {
         }
     };
     let _ = std::fs::remove_dir_all(&work_dir);
+    if action_token.is_some() {
+        if let Err(e) = engine
+            .store
+            .revoke_token(&format!("execution-{id}"), Utc::now())
+            .await
+        {
+            tracing::warn!(execution = %id, error = %e, "cannot revoke the execution's API token");
+        }
+    }
     if let Some(outcome) = outcome {
         let status = if cancel.is_cancelled() {
             ExecutionStatus::Canceled
