@@ -72,7 +72,8 @@ pub struct TransitionSpec {
     pub when: Option<String>,
     /// Values to publish, in order (later ones see earlier ones).
     pub publish: Vec<(String, Value)>,
-    /// Next tasks or engine commands; never empty (defaults to `continue`).
+    /// Next tasks or engine commands (`continue` when `do` is absent; empty
+    /// when `do` was only `retry`, which became the task's retry policy).
     pub targets: Vec<String>,
 }
 
@@ -588,6 +589,20 @@ impl Check<'_> {
                     format!("expected a list, found {}", n.kind_name()),
                     Some("write `next: [{when: ..., do: ...}]`".into()),
                 ),
+            }
+        }
+        // `do: retry` is a retry policy: the transition's condition, 3 times.
+        let mut retry = retry;
+        for t in &mut next {
+            if t.targets.iter().any(|x| x == "retry") {
+                t.targets.retain(|x| x != "retry");
+                if retry.is_none() {
+                    retry = Some(RetrySpec {
+                        when: t.when.clone(),
+                        count: Value::from(3),
+                        delay: None,
+                    });
+                }
             }
         }
         Some(TaskSpec {
