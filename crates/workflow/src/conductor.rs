@@ -37,7 +37,9 @@ pub struct Env<'a> {
 
 impl std::fmt::Debug for Env<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Env").field("now", &self.now).finish_non_exhaustive()
+        f.debug_struct("Env")
+            .field("now", &self.now)
+            .finish_non_exhaustive()
     }
 }
 
@@ -365,11 +367,15 @@ impl WorkflowState {
 
     /// The latest entry for a task instance.
     pub fn entry(&self, id: &str, route: usize) -> Option<&TaskEntry> {
-        self.tasks.get(&key(id, route)).and_then(|i| self.sequence.get(*i))
+        self.tasks
+            .get(&key(id, route))
+            .and_then(|i| self.sequence.get(*i))
     }
 
     fn staged_idx(&self, id: &str, route: usize) -> Option<usize> {
-        self.staged.iter().position(|s| s.id == id && s.route == route)
+        self.staged
+            .iter()
+            .position(|s| s.id == id && s.route == route)
     }
 
     fn task_statuses(&self) -> BTreeMap<String, String> {
@@ -380,17 +386,16 @@ impl WorkflowState {
     }
 
     fn has_active(&self) -> bool {
-        self.sequence
-            .iter()
-            .enumerate()
-            .any(|(i, e)| {
-                matches!(e.status, TaskStatus::Running) && self.tasks.get(&key(&e.id, e.route)) == Some(&i)
+        self.sequence.iter().enumerate().any(|(i, e)| {
+            matches!(e.status, TaskStatus::Running)
+                && self.tasks.get(&key(&e.id, e.route)) == Some(&i)
+        }) || self.staged.iter().any(|s| {
+            s.items.as_ref().is_some_and(|items| {
+                items
+                    .iter()
+                    .any(|it| it.status == Some(TaskStatus::Running))
             })
-            || self.staged.iter().any(|s| {
-                s.items.as_ref().is_some_and(|items| {
-                    items.iter().any(|it| it.status == Some(TaskStatus::Running))
-                })
-            })
+        })
     }
 
     fn has_ready_staged(&self) -> bool {
@@ -560,12 +565,13 @@ pub fn on_action_finished(
         });
     }
     if task_spec.with.is_some() {
-        let si = state
-            .staged_idx(&task.id, task.route)
-            .ok_or_else(|| ConductorError::NotWaiting {
-                id: task.id.clone(),
-                route: task.route,
-            })?;
+        let si =
+            state
+                .staged_idx(&task.id, task.route)
+                .ok_or_else(|| ConductorError::NotWaiting {
+                    id: task.id.clone(),
+                    route: task.route,
+                })?;
         let item = task.item.unwrap_or(0);
         let staged = &mut state.staged[si];
         let items = staged.items.get_or_insert_with(Vec::new);
@@ -581,7 +587,9 @@ pub fn on_action_finished(
         let any_failed = items
             .iter()
             .any(|i| i.status.is_some_and(TaskStatus::is_abended));
-        let all_done = items.iter().all(|i| i.status.is_some_and(TaskStatus::is_completed));
+        let all_done = items
+            .iter()
+            .all(|i| i.status.is_some_and(TaskStatus::is_completed));
         if any_running || (!all_done && !any_failed) {
             run.dispatch(state);
             run.maybe_finish(state);
@@ -642,7 +650,9 @@ impl Run<'_, '_> {
         {
             return Ok(i);
         }
-        let Some(si) = state.staged_idx(id, route).filter(|&si| state.staged[si].dispatched)
+        let Some(si) = state
+            .staged_idx(id, route)
+            .filter(|&si| state.staged[si].dispatched)
         else {
             return Err(ConductorError::NotWaiting {
                 id: id.to_string(),
@@ -654,25 +664,28 @@ impl Run<'_, '_> {
 
     fn add_entry(&self, state: &mut WorkflowState, si: usize) -> usize {
         let staged = state.staged[si].clone();
-        let retry = self.task_spec(&staged.id).and_then(|t| t.retry.as_ref()).map(|r| {
-            let scope = Scope {
-                ctx: state.context(&staged.ctxs),
-                kv: self.env.kv,
-                ..Scope::default()
-            };
-            let num = |v: &Value| -> u64 {
-                expr::render(v, &scope)
-                    .ok()
-                    .and_then(|v| v.as_u64())
-                    .unwrap_or(0)
-            };
-            RetryState {
-                when: r.when.clone(),
-                count: num(&r.count),
-                delay: r.delay.as_ref().map(num).unwrap_or(0),
-                tally: 0,
-            }
-        });
+        let retry = self
+            .task_spec(&staged.id)
+            .and_then(|t| t.retry.as_ref())
+            .map(|r| {
+                let scope = Scope {
+                    ctx: state.context(&staged.ctxs),
+                    kv: self.env.kv,
+                    ..Scope::default()
+                };
+                let num = |v: &Value| -> u64 {
+                    expr::render(v, &scope)
+                        .ok()
+                        .and_then(|v| v.as_u64())
+                        .unwrap_or(0)
+                };
+                RetryState {
+                    when: r.when.clone(),
+                    count: num(&r.count),
+                    delay: r.delay.as_ref().map(num).unwrap_or(0),
+                    tally: 0,
+                }
+            });
         state.sequence.push(TaskEntry {
             id: staged.id.clone(),
             route: staged.route,
@@ -757,7 +770,9 @@ impl Run<'_, '_> {
                 ..error(msg)
             });
             state.status = WorkflowStatus::Failed;
-            state.staged.retain(|s| !(s.id == staged.id && s.route == staged.route));
+            state
+                .staged
+                .retain(|s| !(s.id == staged.id && s.route == staged.route));
         };
         // Delay: the retry delay wins over the task's delay.
         let delay = match (&staged.retry_delay, &task.delay) {
@@ -766,7 +781,13 @@ impl Run<'_, '_> {
                 Ok(v) => match v.as_u64() {
                     Some(n) => Some(n),
                     None => {
-                        fail(state, format!("the delay of task '{}' is not a whole number of seconds: {v}", staged.id));
+                        fail(
+                            state,
+                            format!(
+                                "the delay of task '{}' is not a whole number of seconds: {v}",
+                                staged.id
+                            ),
+                        );
                         return false;
                     }
                 },
@@ -826,7 +847,13 @@ impl Run<'_, '_> {
                     let items = match expr::render_str(&with.items, &base) {
                         Ok(Value::Array(a)) => a,
                         Ok(other) => {
-                            fail(state, format!("the items of task '{}' are not a list: {other}", staged.id));
+                            fail(
+                                state,
+                                format!(
+                                    "the items of task '{}' are not a list: {other}",
+                                    staged.id
+                                ),
+                            );
                             return false;
                         }
                         Err(e) => {
@@ -840,7 +867,11 @@ impl Run<'_, '_> {
                             item
                         } else if let (Value::Array(parts), true) = (&item, with.keys.len() > 1) {
                             Value::Object(
-                                with.keys.iter().cloned().zip(parts.iter().cloned()).collect(),
+                                with.keys
+                                    .iter()
+                                    .cloned()
+                                    .zip(parts.iter().cloned())
+                                    .collect(),
                             )
                         } else if with.keys.len() == 1 {
                             Value::Object([(with.keys[0].clone(), item)].into_iter().collect())
@@ -864,7 +895,13 @@ impl Run<'_, '_> {
                         Some(c) => match expr::render(c, &base).map(|v| v.as_u64()) {
                             Ok(Some(n)) => Some(n.max(1) as usize),
                             Ok(None) => {
-                                fail(state, format!("the concurrency of task '{}' is not a number", staged.id));
+                                fail(
+                                    state,
+                                    format!(
+                                        "the concurrency of task '{}' is not a number",
+                                        staged.id
+                                    ),
+                                );
                                 return false;
                             }
                             Err(e) => {
@@ -897,14 +934,20 @@ impl Run<'_, '_> {
                 let Some(items) = s.items.as_mut() else {
                     return false;
                 };
-                if items.iter().any(|i| i.status.is_some_and(TaskStatus::is_abended)) {
+                if items
+                    .iter()
+                    .any(|i| i.status.is_some_and(TaskStatus::is_abended))
+                {
                     return false; // an item failed: run no more
                 }
                 let active = items
                     .iter()
                     .filter(|i| i.status == Some(TaskStatus::Running))
                     .count();
-                let mut room = s.concurrency.map(|c| c.saturating_sub(active)).unwrap_or(usize::MAX);
+                let mut room = s
+                    .concurrency
+                    .map(|c| c.saturating_sub(active))
+                    .unwrap_or(usize::MAX);
                 for (i, it) in items.iter_mut().enumerate() {
                     if room == 0 {
                         break;
@@ -962,8 +1005,18 @@ impl Run<'_, '_> {
         Inbound::NotSatisfied
     }
 
-    fn evaluate_route(&self, state: &mut WorkflowState, src: &str, idx: usize, target: &str, route: usize) -> usize {
-        if !self.spec.is_split(target) || self.spec.in_cycle(target) {
+    fn evaluate_route(
+        &self,
+        state: &mut WorkflowState,
+        src: &str,
+        idx: usize,
+        target: &str,
+        route: usize,
+    ) -> usize {
+        if ENGINE_COMMANDS.contains(&target)
+            || !self.spec.is_split(target)
+            || self.spec.in_cycle(target)
+        {
             return route;
         }
         let tid = format!("{src}__t{idx}");
@@ -982,7 +1035,13 @@ impl Run<'_, '_> {
 
     /// A task instance completed with `status`: retry, evaluate transitions,
     /// run engine commands, update the workflow status.
-    fn complete(&mut self, state: &mut WorkflowState, idx: usize, status: TaskStatus, result: Value) {
+    fn complete(
+        &mut self,
+        state: &mut WorkflowState,
+        idx: usize,
+        status: TaskStatus,
+        result: Value,
+    ) {
         let (id, route) = (state.sequence[idx].id.clone(), state.sequence[idx].route);
         let is_engine = ENGINE_COMMANDS.contains(&id.as_str());
         {
@@ -993,7 +1052,7 @@ impl Run<'_, '_> {
         }
         let mut ctx_map = state.context(&state.sequence[idx].ctxs.clone());
         ctx_map.remove("__task");
-        let mut scope = Scope {
+        let scope = Scope {
             kv: self.env.kv,
             current: Some(CurrentTask {
                 id: id.clone(),
@@ -1067,7 +1126,9 @@ impl Run<'_, '_> {
                 Ok(b) => b,
                 Err(e) => {
                     for target in &t.targets {
-                        state.sequence[idx].next.insert(format!("{target}__t{i}"), false);
+                        state.sequence[idx]
+                            .next
+                            .insert(format!("{target}__t{i}"), false);
                     }
                     state.log(WorkflowError {
                         task_id: Some(id.clone()),
@@ -1080,19 +1141,23 @@ impl Run<'_, '_> {
                 }
             };
             for target in &t.targets {
-                state.sequence[idx].next.insert(format!("{target}__t{i}"), holds);
+                state.sequence[idx]
+                    .next
+                    .insert(format!("{target}__t{i}"), holds);
             }
             if !holds {
                 continue;
             }
-            // Publish, in order; later values see earlier ones.
+            // Publish, in order; later values see earlier ones (but not
+            // other transitions' values).
             let mut published = Map::new();
             let mut publish_failed = false;
+            let mut pscope = scope.clone();
             for (k, v) in &t.publish {
-                match expr::render(v, &scope) {
+                match expr::render(v, &pscope) {
                     Ok(val) => {
                         published.insert(k.clone(), val.clone());
-                        scope.ctx.insert(k.clone(), val);
+                        pscope.ctx.insert(k.clone(), val);
                     }
                     Err(e) => {
                         state.log(WorkflowError {
@@ -1117,6 +1182,15 @@ impl Run<'_, '_> {
             for target in &t.targets {
                 let next_route = self.evaluate_route(state, &id, i, target, route);
                 let backref = format!("{id}__t{i}");
+                // A join that already started on this route is not staged again.
+                let is_join = self.task_spec(target).is_some_and(|t| t.join.is_some());
+                let started = state.entry(target, next_route).is_some()
+                    || state
+                        .staged_idx(target, next_route)
+                        .is_some_and(|si| state.staged[si].dispatched);
+                if is_join && started && !self.spec.in_cycle(target) {
+                    continue;
+                }
                 let si = match state.staged_idx(target, next_route) {
                     Some(si) if !state.staged[si].dispatched => {
                         let s = &mut state.staged[si];
@@ -1145,7 +1219,10 @@ impl Run<'_, '_> {
                         state.staged.len() - 1
                     }
                 };
-                let ready = matches!(self.inbound_status(state, target, route), Inbound::Satisfied);
+                let ready = matches!(
+                    self.inbound_status(state, target, route),
+                    Inbound::Satisfied
+                );
                 state.staged[si].ready = ready;
                 if ENGINE_COMMANDS.contains(&target.as_str()) {
                     engine_queue.push((target.clone(), next_route));
@@ -1217,7 +1294,10 @@ impl Run<'_, '_> {
                 continue;
             }
             if self.task_spec(target).is_some_and(|t| t.join.is_some())
-                && matches!(self.inbound_status(state, target, route), Inbound::NotSatisfied)
+                && matches!(
+                    self.inbound_status(state, target, route),
+                    Inbound::NotSatisfied
+                )
             {
                 continue;
             }
@@ -1250,7 +1330,10 @@ impl Run<'_, '_> {
                 .map(|s| (s.id.clone(), s.route))
                 .collect();
             for (id, route) in stuck {
-                if matches!(self.inbound_status(state, &id, route), Inbound::NotSatisfied) {
+                if matches!(
+                    self.inbound_status(state, &id, route),
+                    Inbound::NotSatisfied
+                ) {
                     state.status = WorkflowStatus::Failed;
                     state.log(WorkflowError {
                         task_id: Some(id.clone()),

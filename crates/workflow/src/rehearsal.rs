@@ -162,10 +162,7 @@ fn normalize_seq(name: &str) -> String {
 
 /// Runs a rehearsal spec (YAML text). `load_workflow` returns the text of
 /// the workflow file the spec names.
-pub fn rehearse(
-    spec_text: &str,
-    load_workflow: impl Fn(&str) -> Result<String, String>,
-) -> Report {
+pub fn rehearse(spec_text: &str, load_workflow: impl Fn(&str) -> Result<String, String>) -> Report {
     let node = match parse_yaml("rehearsal", spec_text) {
         Ok(n) => n,
         Err(d) => return Report::fail("?", d.to_string()),
@@ -194,7 +191,10 @@ pub fn rehearse(
             Some(t) if t.with.is_some() && m.item_id.is_none() => {
                 return Report::fail(
                     wf,
-                    format!("mock for with-items task '{}' is missing item_id", m.task_id),
+                    format!(
+                        "mock for with-items task '{}' is missing item_id",
+                        m.task_id
+                    ),
                 );
             }
             _ => {}
@@ -202,7 +202,10 @@ pub fn rehearse(
         if let Some(s) = &m.status
             && TaskStatus::parse(s).is_none()
         {
-            return Report::fail(wf, format!("mock for '{}': unknown status '{s}'", m.task_id));
+            return Report::fail(
+                wf,
+                format!("mock for '{}': unknown status '{s}'", m.task_id),
+            );
         }
     }
     let state = match run(&wf_spec, &spec) {
@@ -218,19 +221,30 @@ fn run(wf_spec: &WorkflowSpec, spec: &RehearsalSpec) -> Result<WorkflowState, St
     let mut uses: Vec<usize> = vec![0; spec.mock_action_executions.len()];
     let (mut state, mut pending) = conductor::start(wf_spec, spec.inputs.clone(), env);
     let mut rounds = 0;
-    while pending.iter().any(|c| matches!(c, Command::RunAction { .. })) {
+    while pending
+        .iter()
+        .any(|c| matches!(c, Command::RunAction { .. }))
+    {
         rounds += 1;
         if rounds > 10_000 {
-            return Err("the workflow did not finish after 10000 rounds (a cycle without exit?)".into());
+            return Err(
+                "the workflow did not finish after 10000 rounds (a cycle without exit?)".into(),
+            );
         }
-        let batch = std::mem::take(&mut pending);
+        // Like Orquesta's rehearsal: run a round's tasks sorted by task and route.
+        let mut batch = std::mem::take(&mut pending);
+        batch.sort_by_key(|c| match c {
+            Command::RunAction { task, .. } => (0, task.id.clone(), task.route, task.item),
+            Command::Finish { .. } => (1, String::new(), 0, None),
+        });
         for cmd in batch {
             let Command::RunAction { task, .. } = cmd else {
                 continue;
             };
             let (status, result) = pick_mock(spec, &mut uses, &state, &task);
-            let cmds = conductor::on_action_finished(wf_spec, &mut state, &task, status, result, env)
-                .map_err(|e| e.to_string())?;
+            let cmds =
+                conductor::on_action_finished(wf_spec, &mut state, &task, status, result, env)
+                    .map_err(|e| e.to_string())?;
             pending.extend(cmds);
         }
     }
@@ -244,7 +258,10 @@ fn pick_mock(
     task: &TaskRef,
 ) -> (TaskStatus, Value) {
     let seq_id = match state.entry(&task.id, task.route) {
-        Some(e) if !e.status.is_completed() => state.tasks.get(&format!("{}__r{}", task.id, task.route)).copied(),
+        Some(e) if !e.status.is_completed() => state
+            .tasks
+            .get(&format!("{}__r{}", task.id, task.route))
+            .copied(),
         _ => None,
     }
     .unwrap_or(state.sequence.len());
@@ -298,7 +315,11 @@ fn compare(spec: &RehearsalSpec, state: &WorkflowState) -> Report {
         errors: serde_json::to_value(&state.errors).unwrap_or(Value::Null),
         mismatches: Vec::new(),
     };
-    let expected_seq: Vec<String> = spec.expected_task_sequence.iter().map(|s| normalize_seq(s)).collect();
+    let expected_seq: Vec<String> = spec
+        .expected_task_sequence
+        .iter()
+        .map(|s| normalize_seq(s))
+        .collect();
     if let Some(d) = list_diff("task sequence", &expected_seq, &report.sequence) {
         report.mismatches.push(d);
     }
