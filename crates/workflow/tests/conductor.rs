@@ -1,0 +1,320 @@
+//! Conductor behaviour seen through its commands: rendering, delays,
+//! retries, with-items concurrency, serialization between events, errors.
+
+#![allow(clippy::unwrap_used)]
+
+use aviary_workflow::conductor::{
+    self, Command, ConductorError, Env, TaskRef, TaskStatus, WorkflowState, WorkflowStatus,
+};
+use aviary_workflow::spec::{WorkflowSpec, parse_workflow};
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+
+fn env() -> Env<'static> {
+    Env {
+        now: DateTime::<Utc>::UNIX_EPOCH,
+        kv: None,
+    }
+}
+
+fn spec(text: &str) -> WorkflowSpec {
+    parse_workflow("wf.yaml", text).unwrap()
+}
+
+fn input(v: Value) -> Map<String, Value> {
+    v.as_object().unwrap().clone()
+}
+
+fn runs(cmds: &[Command]) -> Vec<(TaskRef, String, Map<String, Value>, Option<u64>)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::RunAction {
+                task,
+                action,
+                input,
+                delay,
+            } => Some((task.clone(), action.clone(), input.clone(), *delay)),
+            Command::Finish { .. } => None,
+        })
+        .collect()
+}
+
+fn finish(cmds: &[Command]) -> Option<(WorkflowStatus, Option<Map<String, Value>>)> {
+    cmds.iter().find_map(|c| match c {
+        Command::Finish { status, output, .. } => Some((*status, output.clone())),
+        Command::RunAction { .. } => None,
+    })
+}
+
+fn task(id: &str) -> TaskRef {
+    TaskRef {
+        id: id.into(),
+        route: 0,
+        item: None,
+    }
+}
+
+const DEPLOY: &str = r#"
+version: 1.0
+input:
+  - env
+  - target: <% ctx(env) + '-cluster' %>
+vars:
+  - attempts: 0
+output:
+  - url: <% ctx(url) %>
+tasks:
+  build:
+    action: core.local cmd="make <% ctx(target) %>"
+    delay: 5
+    next:
+      - when: <% succeeded() %>
+        publish: url=<% result().url %>
+        do: deploy
+  deploy:
+    action: aviary.deploy
+    input:
+      url: <% ctx(url) %>
+      region: "{{ st2kv('region') }}"
+    retry:
+      count: 2
+      delay: 30
+"#;
+
+#[test]
+fn renders_input_delay_and_finishes_with_output() {
+    let wf = spec(DEPLOY);
+    let (mut state, cmds) = conductor::start(&wf, input(json!({"env": "prod"})), env());
+    let r = runs(&cmds);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].1, "core.local");
+    assert_eq!(r[0].2, input(json!({"cmd": "make prod-cluster"})));
+    assert_eq!(r[0].3, Some(5));
+    let kv = |k: &str| (k == "region").then(|| json!("eu-west"));
+    let env_kv = Env {
+        kv: Some(&kv),
+        ..env()
+    };
+    let cmds = conductor::on_action_finished(
+        &wf,
+        &mut state,
+        &task("build"),
+        TaskStatus::Succeeded,
+        json!({"url": "https://x"}),
+        env_kv,
+    )
+    .unwrap();
+    let r = runs(&cmds);
+    assert_eq!(r[0].1, "aviary.deploy");
+    assert_eq!(
+        r[0].2,
+        input(json!({"url": "https://x", "region": "eu-west"}))
+    );
+    assert_eq!(r[0].3, None);
+    // Fails once: retried after the retry delay.
+    let cmds = conductor::on_action_finished(
+        &wf,
+        &mut state,
+        &task("deploy"),
+        TaskStatus::Failed,
+        json!({"stderr": "timeout"}),
+        env_kv,
+    )
+    .unwrap();
+    let r = runs(&cmds);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].3, Some(30));
+    assert_eq!(
+        state.entry("deploy", 0).unwrap().status,
+        TaskStatus::Retrying
+    );
+    let cmds = conductor::on_action_finished(
+        &wf,
+        &mut state,
+        &task("deploy"),
+        TaskStatus::Succeeded,
+        json!({}),
+        env_kv,
+    )
+    .unwrap();
+    let (status, output) = finish(&cmds).unwrap();
+    assert_eq!(status, WorkflowStatus::Succeeded);
+    assert_eq!(output, Some(input(json!({"url": "https://x"}))));
+    assert_eq!(state.sequence.len(), 2);
+    assert_eq!(
+        state
+            .entry("deploy", 0)
+            .unwrap()
+            .retry
+            .as_ref()
+            .unwrap()
+            .tally,
+        1
+    );
+}
+
+#[test]
+fn state_survives_serialization_between_events() {
+    let wf = spec(DEPLOY);
+    let (state, _) = conductor::start(&wf, input(json!({"env": "dev"})), env());
+    let text = serde_json::to_string(&state).unwrap();
+    let mut state: WorkflowState = serde_json::from_str(&text).unwrap();
+    let kv = |_: &str| Some(json!("r"));
+    let env_kv = Env {
+        kv: Some(&kv),
+        ..env()
+    };
+    conductor::on_action_finished(
+        &wf,
+        &mut state,
+        &task("build"),
+        TaskStatus::Succeeded,
+        json!({"url": "u"}),
+        env_kv,
+    )
+    .unwrap();
+    let text = serde_json::to_string(&state).unwrap();
+    let mut state: WorkflowState = serde_json::from_str(&text).unwrap();
+    let cmds = conductor::on_action_finished(
+        &wf,
+        &mut state,
+        &task("deploy"),
+        TaskStatus::Succeeded,
+        json!({}),
+        env_kv,
+    )
+    .unwrap();
+    assert_eq!(finish(&cmds).unwrap().0, WorkflowStatus::Succeeded);
+}
+
+#[test]
+fn reports_for_tasks_not_waiting_are_errors() {
+    let wf = spec(DEPLOY);
+    let (mut state, _) = conductor::start(&wf, input(json!({"env": "dev"})), env());
+    let err = conductor::on_action_finished(
+        &wf,
+        &mut state,
+        &task("deploy"),
+        TaskStatus::Succeeded,
+        Value::Null,
+        env(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, ConductorError::NotWaiting { .. }), "{err}");
+    let err = conductor::on_action_finished(
+        &wf,
+        &mut state,
+        &task("nope"),
+        TaskStatus::Succeeded,
+        Value::Null,
+        env(),
+    )
+    .unwrap_err();
+    assert_eq!(err, ConductorError::UnknownTask("nope".into()));
+}
+
+#[test]
+fn runtime_expression_error_fails_the_workflow_with_a_message() {
+    let wf = spec("version: 1.0\ntasks:\n  a:\n    action: core.echo message=<% ctx(missing) %>\n");
+    let (state, cmds) = conductor::start(&wf, Map::new(), env());
+    assert!(runs(&cmds).is_empty());
+    assert_eq!(finish(&cmds).unwrap().0, WorkflowStatus::Failed);
+    assert!(
+        state.errors[0]
+            .message
+            .contains("`missing` is referenced before assignment"),
+        "{:?}",
+        state.errors
+    );
+    assert_eq!(state.errors[0].task_id.as_deref(), Some("a"));
+}
+
+#[test]
+fn with_items_respects_concurrency() {
+    let wf = spec(
+        r#"
+version: 1.0
+input: [hosts]
+tasks:
+  ping:
+    with:
+      items: h in <% ctx(hosts) %>
+      concurrency: 2
+    action: core.remote hosts=<% item(h) %> cmd=uptime
+"#,
+    );
+    let (mut state, cmds) = conductor::start(&wf, input(json!({"hosts": ["a", "b", "c"]})), env());
+    let r = runs(&cmds);
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0].0.item, Some(0));
+    assert_eq!(r[1].2, input(json!({"hosts": "b", "cmd": "uptime"})));
+    let item = |i: usize| TaskRef {
+        item: Some(i),
+        ..task("ping")
+    };
+    let cmds = conductor::on_action_finished(
+        &wf,
+        &mut state,
+        &item(1),
+        TaskStatus::Succeeded,
+        json!("up b"),
+        env(),
+    )
+    .unwrap();
+    let r = runs(&cmds);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].0.item, Some(2));
+    for i in [0, 2] {
+        let cmds = conductor::on_action_finished(
+            &wf,
+            &mut state,
+            &item(i),
+            TaskStatus::Succeeded,
+            json!(format!("up {i}")),
+            env(),
+        )
+        .unwrap();
+        if i == 2 {
+            assert_eq!(finish(&cmds).unwrap().0, WorkflowStatus::Succeeded);
+        }
+    }
+    assert_eq!(
+        state.entry("ping", 0).unwrap().result,
+        json!(["up 0", "up b", "up 2"])
+    );
+}
+
+#[test]
+fn cancel_waits_for_running_actions() {
+    let wf = spec(DEPLOY);
+    let (mut state, _) = conductor::start(&wf, input(json!({"env": "dev"})), env());
+    let cmds = conductor::cancel(&wf, &mut state, env());
+    assert!(finish(&cmds).is_none(), "build is still running");
+    let cmds = conductor::on_action_finished(
+        &wf,
+        &mut state,
+        &task("build"),
+        TaskStatus::Succeeded,
+        json!({"url": "u"}),
+        env(),
+    )
+    .unwrap();
+    assert!(runs(&cmds).is_empty());
+    assert_eq!(finish(&cmds).unwrap().0, WorkflowStatus::Canceled);
+}
+
+#[test]
+fn start_reports_bad_input_defaults() {
+    let wf =
+        spec("version: 1.0\ninput:\n  - x: <% ctx(nope) %>\ntasks:\n  a:\n    action: core.noop\n");
+    let (state, cmds) = conductor::start(&wf, Map::new(), env());
+    assert_eq!(finish(&cmds).unwrap().0, WorkflowStatus::Failed);
+    assert!(
+        state.errors[0].message.starts_with("input 'x'"),
+        "{:?}",
+        state.errors
+    );
+    // Given input wins over the default.
+    let (_, cmds) = conductor::start(&wf, input(json!({"x": 1})), env());
+    assert_eq!(runs(&cmds).len(), 1);
+}
