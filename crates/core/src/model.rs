@@ -19,6 +19,8 @@ pub const WEBHOOK_TRIGGER: &str = "core.st2.webhook";
 pub const INTERVAL_TIMER_TRIGGER: &str = "core.st2.IntervalTimer";
 /// Cron timer trigger type.
 pub const CRON_TIMER_TRIGGER: &str = "core.st2.CronTimer";
+/// Emitted when any execution ends (StackStorm's generic action trigger).
+pub const ACTION_TRIGGER: &str = "core.st2.generic.actiontrigger";
 /// One-shot date timer trigger type.
 pub const DATE_TIMER_TRIGGER: &str = "core.st2.DateTimer";
 

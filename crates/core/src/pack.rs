@@ -364,6 +364,10 @@ const CORE_FILES: &[(&str, &str)] = &[
         "actions/noop.yaml",
         include_str!("builtin/actions/noop.yaml"),
     ),
+    (
+        "actions/inject_trigger.yaml",
+        include_str!("builtin/actions/inject_trigger.yaml"),
+    ),
 ];
 
 /// The built-in `core` pack: `core.local`, `core.http`, `core.noop`,

@@ -459,6 +459,7 @@ fn check_trigger(check: &mut FileCheck<'_>, trigger: &YamlNode, kind: &str, kind
                 }
             }
         }
+        crate::model::ACTION_TRIGGER => {}
         other => {
             if other.starts_with("core.st2.") {
                 check.error(
@@ -466,7 +467,7 @@ fn check_trigger(check: &mut FileCheck<'_>, trigger: &YamlNode, kind: &str, kind
                     "trigger.type",
                     format!("unknown built-in trigger type '{other}'"),
                     Some(format!(
-                        "built-in trigger types: {WEBHOOK_TRIGGER}, {INTERVAL_TIMER_TRIGGER}, {CRON_TIMER_TRIGGER}, {DATE_TIMER_TRIGGER}"
+                        "built-in trigger types: {WEBHOOK_TRIGGER}, {INTERVAL_TIMER_TRIGGER}, {CRON_TIMER_TRIGGER}, {DATE_TIMER_TRIGGER}, {}", crate::model::ACTION_TRIGGER
                     )),
                 );
             } else if !is_reference(other) {

@@ -14,6 +14,7 @@ pub const RUNNER_TYPES: &[&str] = &[
     "local-shell-script",
     "http-request",
     "orquesta",
+    "inject-trigger",
 ];
 
 /// Runner types whose actions must name an `entry_point` file.
@@ -77,7 +78,7 @@ fn shell_common() -> Vec<(String, ParamSpec)> {
 /// The runner parameters of `runner_type`, or None for an unknown runner type.
 pub fn runner_parameters(runner_type: &str) -> Option<ParamSchema> {
     let params = match runner_type {
-        "noop" | "orquesta" => Vec::new(),
+        "noop" | "orquesta" | "inject-trigger" => Vec::new(),
         "local-shell-cmd" => {
             let mut cmd = spec(
                 ParamType::String,

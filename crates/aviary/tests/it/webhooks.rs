@@ -292,3 +292,46 @@ fn actions_emit_custom_triggers_with_their_own_token() {
         .expect("execution token");
     assert!(!token["revoked_at"].is_null(), "{token}");
 }
+
+#[test]
+fn inject_trigger_and_action_trigger_chain_rules() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pack = dir.path().join("chain");
+    write(
+        &pack.join("pack.yaml"),
+        "ref: chain\nname: chain\ndescription: chaining\nversion: 0.0.1\n",
+    );
+    write(
+        &pack.join("rules/on_deploy.yaml"),
+        "name: on_deploy\npack: chain\ntrigger:\n  type: chain.deployed\naction:\n  ref: core.echo\n  parameters:\n    message: \"deployed {{ trigger.version }}\"\n",
+    );
+    write(
+        &pack.join("rules/on_echo_done.yaml"),
+        "name: on_echo_done\npack: chain\ntrigger:\n  type: core.st2.generic.actiontrigger\ncriteria:\n  trigger.action_ref:\n    type: equals\n    pattern: core.echo\n  trigger.status:\n    type: equals\n    pattern: succeeded\naction:\n  ref: core.noop\n",
+    );
+    let s = Server::start(Backend::Sqlite, &[&pack]);
+    let out = s.cli(&[
+        "run",
+        "core.inject_trigger",
+        "trigger=chain.deployed",
+        r#"payload={"version": "1.2.3"}"#,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let echo = s.wait_for("echo from the injected trigger", || {
+        s.executions("action=core.echo").into_iter().next()
+    });
+    let echo = s.wait_execution(echo["id"].as_str().expect("id"));
+    assert_eq!(echo["result"]["stdout"], "deployed 1.2.3");
+    let noop = s.wait_for("noop from the action trigger", || {
+        s.executions("rule=chain.on_echo_done").into_iter().next()
+    });
+    assert_eq!(
+        s.wait_execution(noop["id"].as_str().expect("id"))["status"],
+        "succeeded"
+    );
+}

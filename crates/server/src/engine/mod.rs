@@ -413,6 +413,49 @@ impl Engine {
         })
     }
 
+    /// Emits `core.st2.generic.actiontrigger` for an execution that ended, if
+    /// any rule listens to it (no cost otherwise).
+    pub async fn emit_action_trigger(&self, id: &str) {
+        if !self
+            .registry
+            .load()
+            .by_trigger
+            .contains_key(aviary_core::model::ACTION_TRIGGER)
+        {
+            return;
+        }
+        let exec = match self.store.get_execution(id).await {
+            Ok(Some(e)) => e,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(execution = id, error = %e, "cannot read execution for its action trigger");
+                return;
+            }
+        };
+        let payload = json!({
+            "execution_id": exec.id,
+            "status": exec.status,
+            "action_name": exec.action.split_once('.').map(|(_, n)| n).unwrap_or(&exec.action),
+            "action_ref": exec.action,
+            "runner_ref": exec.runner,
+            "parameters": exec.parameters,
+            "result": exec.result,
+            "start_timestamp": exec.started_at,
+            "end_timestamp": exec.finished_at,
+            "rule": exec.rule,
+        });
+        let event = Event {
+            trigger: aviary_core::model::ACTION_TRIGGER.to_string(),
+            payload,
+            dedup_key: Some(format!("actiontrigger:{}", exec.id)),
+            webhook_url: None,
+            only_rule: None,
+        };
+        if let Err(e) = self.ingest(event).await {
+            tracing::warn!(execution = id, error = %e, "cannot store the action trigger");
+        }
+    }
+
     /// Requests an execution of an action directly (API / CLI `run`).
     pub async fn request(
         &self,

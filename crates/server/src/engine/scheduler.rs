@@ -150,15 +150,22 @@ async fn run_one(engine: &Engine, new: NewExecution) {
         }
     }
 
-    if exec.runner == "noop" {
+    // In-process runners: no process, no output stream.
+    let in_process = match exec.runner.as_str() {
+        "noop" => Some((ExecutionStatus::Succeeded, json!({}))),
+        "inject-trigger" => Some(inject_trigger(engine, &exec, &params).await),
+        _ => None,
+    };
+    if let Some((status, result)) = in_process {
         finish(
             engine,
             &id,
             &[ExecutionStatus::Running, ExecutionStatus::Canceling],
-            ExecutionStatus::Succeeded,
-            json!({}),
+            status,
+            result,
         )
         .await;
+        engine.emit_action_trigger(&id).await;
         return;
     }
 
@@ -260,6 +267,39 @@ async fn run_one(engine: &Engine, new: NewExecution) {
         running.remove(&id);
     }
     engine.output.close(&id);
+    engine.emit_action_trigger(&id).await;
+}
+
+/// `core.inject_trigger`: stores an event for rules to match.
+async fn inject_trigger(
+    engine: &Engine,
+    exec: &Execution,
+    params: &Map<String, Value>,
+) -> (ExecutionStatus, Value) {
+    let Some(trigger) = params.get("trigger").and_then(Value::as_str) else {
+        return (
+            ExecutionStatus::Failed,
+            json!({"error": "parameter 'trigger' must be a trigger reference like pack.name"}),
+        );
+    };
+    let payload = params.get("payload").cloned().unwrap_or_else(|| json!({}));
+    let event = super::Event {
+        trigger: trigger.to_string(),
+        payload,
+        dedup_key: Some(format!("inject:{}", exec.id)),
+        webhook_url: None,
+        only_rule: None,
+    };
+    match engine.ingest(event).await {
+        Ok(r) => (
+            ExecutionStatus::Succeeded,
+            json!({"trigger_instance_id": r.trigger_instance_id, "executions": r.executions}),
+        ),
+        Err(e) => (
+            ExecutionStatus::Failed,
+            json!({"error": format!("cannot store the event: {e}")}),
+        ),
+    }
 }
 
 /// Puts the real secret values back into the parameters.
