@@ -25,7 +25,10 @@ fn input(v: Value) -> Map<String, Value> {
     v.as_object().unwrap().clone()
 }
 
-fn runs(cmds: &[Command]) -> Vec<(TaskRef, String, Map<String, Value>, Option<u64>)> {
+/// (task, action, input, delay) of each RunAction.
+type Run = (TaskRef, String, Map<String, Value>, Option<u64>);
+
+fn runs(cmds: &[Command]) -> Vec<Run> {
     cmds.iter()
         .filter_map(|c| match c {
             Command::RunAction {
