@@ -415,7 +415,13 @@ mod tests {
         let refs: Vec<String> = pack.actions.iter().map(|a| a.reference()).collect();
         assert_eq!(
             refs,
-            vec!["core.echo", "core.http", "core.local", "core.noop"]
+            vec![
+                "core.echo",
+                "core.http",
+                "core.local",
+                "core.noop",
+                "core.inject_trigger"
+            ]
         );
         let echo = &pack.actions[0];
         let cmd = echo.parameters.get("cmd").unwrap();
