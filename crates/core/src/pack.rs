@@ -418,9 +418,9 @@ mod tests {
             vec![
                 "core.echo",
                 "core.http",
+                "core.inject_trigger",
                 "core.local",
-                "core.noop",
-                "core.inject_trigger"
+                "core.noop"
             ]
         );
         let echo = &pack.actions[0];
