@@ -4,6 +4,7 @@
 //! See [`deb`] for the format details and the crate README for the metadata
 //! files, the conventions and the lintian tags that are accepted.
 
+pub mod apt;
 pub mod deb;
 
 pub use deb::{
