@@ -13,9 +13,10 @@
 //! * Writers serialize on an exclusive `flock` of `.aviary-state/lock`, so
 //!   threads and processes can publish concurrently without losing packages.
 //! * Incremental: the index state is an append-only log (see `state`), and the
-//!   compressed indexes are concatenations of per-chunk gzip members / xz
-//!   streams cached in memory, so one add to a large repository recompresses
-//!   one chunk.
+//!   `Packages.gz` is a concatenation of per-chunk gzip members cached in
+//!   memory, so one add to a large repository recompresses one chunk.
+//!   `Packages.xz` is one stream (apt 2.6 stops after the first xz stream),
+//!   recompressed whole at a fast preset.
 
 mod debfile;
 mod error;
@@ -42,8 +43,6 @@ use state::{Entry, State};
 
 /// Name of the private state directory under the repository root.
 pub const STATE_DIR: &str = ".aviary-state";
-/// Stanzas per compressed chunk of a Packages file.
-const CHUNK: u64 = 512;
 
 /// Repository settings.
 #[derive(Debug, Clone)]
@@ -69,6 +68,9 @@ pub struct RepoConfig {
     pub xz_preset: u32,
     /// User ID of a generated signing key.
     pub key_user_id: String,
+    /// Sequence numbers per compressed chunk of a Packages file (each chunk is
+    /// one gzip member, recompressed only when it changes). Default 512.
+    pub index_chunk: u64,
 }
 
 impl Default for RepoConfig {
@@ -84,6 +86,7 @@ impl Default for RepoConfig {
             by_hash_generations: 2,
             xz_preset: 1,
             key_user_id: "Aviary repository signing key <apt@aviary.invalid>".into(),
+            index_chunk: 512,
         }
     }
 }
@@ -122,11 +125,10 @@ pub struct PublishReport {
     pub published: Vec<String>,
 }
 
-/// Compressed forms of one chunk of stanzas.
+/// Compressed form of one chunk of stanzas (one gzip member).
 struct Chunk {
     seqs: Vec<u64>,
     gz: Vec<u8>,
-    xz: Vec<u8>,
 }
 
 /// In-process caches, valid while the log is unchanged or only appended to.
@@ -187,9 +189,14 @@ impl Repository {
         check("suites", &config.suites)?;
         check("components", &config.components)?;
         check("architectures", &config.architectures)?;
-        if config.keep_versions == 0 || config.by_hash_generations == 0 || config.xz_preset > 9 {
+        if config.keep_versions == 0
+            || config.by_hash_generations == 0
+            || config.index_chunk == 0
+            || config.xz_preset > 9
+        {
             return Err(AptError::Config(
-                "keep_versions and by_hash_generations must be >= 1, xz_preset 0..=9".into(),
+                "keep_versions, by_hash_generations and index_chunk must be >= 1, xz_preset 0..=9"
+                    .into(),
             ));
         }
         let state = root.join(STATE_DIR);
@@ -598,12 +605,14 @@ impl Repository {
                         && &e.component == component
                         && (&e.arch == arch || e.arch == "all")
                     {
-                        chunks.entry(e.seq / CHUNK).or_default().push(e.seq);
+                        chunks
+                            .entry(e.seq / self.config.index_chunk)
+                            .or_default()
+                            .push(e.seq);
                     }
                 }
                 let mut plain = Vec::new();
                 let mut gz = Vec::new();
-                let mut xz = Vec::new();
                 for (id, seqs) in chunks {
                     let key = (suite.to_string(), component.clone(), arch.clone(), id);
                     let start = plain.len();
@@ -618,23 +627,22 @@ impl Repository {
                         let text = &plain[start..];
                         let chunk = Chunk {
                             gz: gzip(text).map_err(AptError::io("compressing", &abs))?,
-                            xz: xz_compress(text, self.config.xz_preset)
-                                .map_err(AptError::io("compressing", &abs))?,
                             seqs,
                         };
                         cache.chunks.insert(key.clone(), chunk);
                     }
                     if let Some(c) = cache.chunks.get(&key) {
                         gz.extend_from_slice(&c.gz);
-                        xz.extend_from_slice(&c.xz);
                     }
                     live_chunks.insert(key);
                 }
                 if plain.is_empty() {
                     gz = gzip(b"").map_err(AptError::io("compressing", &abs))?;
-                    xz = xz_compress(b"", self.config.xz_preset)
-                        .map_err(AptError::io("compressing", &abs))?;
                 }
+                // apt 2.6 reads only the first stream of a multi-stream xz
+                // file (checked: hash sum mismatch), so xz is one stream.
+                let xz = xz_compress(&plain, self.config.xz_preset)
+                    .map_err(AptError::io("compressing", &abs))?;
                 for (name, data) in [
                     ("Packages", &plain),
                     ("Packages.gz", &gz),
