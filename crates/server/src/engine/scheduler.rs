@@ -238,14 +238,13 @@ async fn run_one(engine: &Engine, new: NewExecution) {
         }
     };
     let _ = std::fs::remove_dir_all(&work_dir);
-    if action_token.is_some() {
-        if let Err(e) = engine
+    if action_token.is_some()
+        && let Err(e) = engine
             .store
             .revoke_token(&format!("execution-{id}"), Utc::now())
             .await
-        {
-            tracing::warn!(execution = %id, error = %e, "cannot revoke the execution's API token");
-        }
+    {
+        tracing::warn!(execution = %id, error = %e, "cannot revoke the execution's API token");
     }
     if let Some(outcome) = outcome {
         let status = if cancel.is_cancelled() {
