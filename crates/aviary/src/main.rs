@@ -26,8 +26,25 @@ enum Top {
     /// Work with packs: validate folders offline, list or reload the server's.
     #[command(subcommand)]
     Pack(PackCommand),
+    /// Work with Orquesta workflows offline.
+    #[command(subcommand)]
+    Workflow(WorkflowCommand),
     #[command(flatten)]
     Client(aviary_cli::Command),
+}
+
+#[derive(Subcommand)]
+enum WorkflowCommand {
+    /// Run rehearsal specs (Orquesta's format: mocked action results, expected task sequence,
+    /// routes, status and output) without running any action. Exit 0 only if all pass.
+    ///
+    /// A spec's `workflow:` path is looked up next to the spec, then in the spec folder's
+    /// parent, then in the current directory.
+    Rehearse {
+        /// Rehearsal spec files.
+        #[arg(required = true)]
+        specs: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -148,6 +165,7 @@ fn main() -> ExitCode {
                 )
                 .await
             }
+            Top::Workflow(WorkflowCommand::Rehearse { specs }) => rehearse(&specs),
             Top::Client(cmd) => client(cli.global, cmd).await,
         }
     });
@@ -158,6 +176,44 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn rehearse(specs: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let mut passed = 0;
+    for spec in specs {
+        let text = std::fs::read_to_string(spec)
+            .with_context(|| format!("cannot read rehearsal spec {}", spec.display()))?;
+        let dir = spec.parent().map(PathBuf::from).unwrap_or_default();
+        let report = aviary_workflow::rehearsal::rehearse(&text, |path| {
+            let candidates = [
+                dir.join(path),
+                dir.parent().map(|p| p.join(path)).unwrap_or_default(),
+                PathBuf::from(path),
+            ];
+            candidates
+                .iter()
+                .find(|c| c.is_file())
+                .ok_or_else(|| {
+                    format!(
+                        "workflow file '{path}' not found next to {}",
+                        spec.display()
+                    )
+                })
+                .and_then(|c| {
+                    std::fs::read_to_string(c).map_err(|e| format!("{}: {e}", c.display()))
+                })
+        });
+        println!("{}: {report}", spec.display());
+        if report.passed() {
+            passed += 1;
+        }
+    }
+    println!("{passed} passed, {} failed", specs.len() - passed);
+    Ok(if passed == specs.len() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 async fn client(

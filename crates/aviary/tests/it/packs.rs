@@ -95,3 +95,48 @@ fn bad_reload_keeps_the_running_set() {
     let list = s.cli(&["pack", "list"]);
     assert!(String::from_utf8_lossy(&list.stdout).contains("more"));
 }
+
+#[test]
+fn workflow_rehearse_runs_specs_and_shows_differences() {
+    let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../workflow/tests"));
+    let specs: Vec<_> = std::fs::read_dir(root.join("rehearsals"))
+        .expect("specs")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    assert!(specs.len() >= 10);
+    let ok = std::process::Command::new(bin())
+        .args(["workflow", "rehearse"])
+        .args(&specs)
+        .output()
+        .expect("run");
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{out}");
+    assert!(
+        out.contains(&format!("{} passed, 0 failed", specs.len())),
+        "{out}"
+    );
+
+    // A wrong expectation: exit 1 and the difference is shown.
+    let dir = tempfile::tempdir().expect("tmp");
+    let wf = dir.path().join("wf.yaml");
+    write(
+        &wf,
+        "version: 1.0\ntasks:\n  a:\n    action: core.noop\n    next:\n      - when: <% succeeded() %>\n        do: b\n  b:\n    action: core.noop\n",
+    );
+    let spec = dir.path().join("spec.yaml");
+    write(
+        &spec,
+        "workflow: wf.yaml\nexpected_task_sequence:\n  - a\n  - c\nexpected_workflow_status: succeeded\n",
+    );
+    let bad = std::process::Command::new(bin())
+        .args(["workflow", "rehearse"])
+        .arg(&spec)
+        .output()
+        .expect("run");
+    assert_eq!(bad.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&bad.stdout);
+    assert!(
+        out.contains("FAIL") && out.contains('c') && out.contains('b'),
+        "{out}"
+    );
+}
