@@ -335,3 +335,49 @@ fn inject_trigger_and_action_trigger_chain_rules() {
         "succeeded"
     );
 }
+
+#[test]
+fn form_encoded_github_payloads_are_accepted() {
+    let s = Server::start(Backend::Sqlite, &[examples()]);
+    setup_secret(&s, "s3cret");
+    let json_body =
+        serde_json::to_string(&push_payload("formapp", "refs/heads/main", "f00d")).expect("json");
+    // GitHub's form content type: payload=<urlencoded JSON>.
+    let encoded: String = json_body
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    let raw = format!("payload={encoded}");
+    // And curl's default: JSON sent as a "form".
+    for (delivery, body) in [
+        ("f-1", raw.into_bytes()),
+        ("f-2", json_body.clone().into_bytes()),
+    ] {
+        let r = s
+            .http()
+            .post(s.url("/api/v1/webhooks/github"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("X-GitHub-Event", "push")
+            .header("X-GitHub-Delivery", delivery)
+            .header("X-Hub-Signature-256", sign("s3cret", &body))
+            .body(body)
+            .send()
+            .expect("post");
+        assert_eq!(r.status().as_u16(), 202);
+        let v: Value = r.json().expect("json");
+        let exec = s.wait_execution(v["executions"][0].as_str().expect("an execution"));
+        assert!(
+            exec["result"]["stdout"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("push to formapp"),
+            "{exec}"
+        );
+    }
+}

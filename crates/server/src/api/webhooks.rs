@@ -74,7 +74,10 @@ fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    if content_type.starts_with("application/x-www-form-urlencoded") {
+    // `curl -d '{...}'` labels JSON as a form: a body that is a JSON object is JSON.
+    let looks_json =
+        body.first() == Some(&b'{') && serde_json::from_slice::<serde_json::Value>(body).is_ok();
+    if content_type.starts_with("application/x-www-form-urlencoded") && !looks_json {
         let mut map = Map::new();
         for (k, v) in form_urlencoded_pairs(body) {
             map.insert(k, Value::String(v));
