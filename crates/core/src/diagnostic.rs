@@ -268,7 +268,7 @@ pub fn parse_yaml(file: &str, text: &str) -> Result<YamlNode, Diagnostic> {
 
 /// The candidate closest to `word` (edit distance at most 2), for
 /// "did you mean" hints.
-pub(crate) fn suggest<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
+pub fn suggest<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
     fn distance(a: &str, b: &str) -> usize {
         let b: Vec<char> = b.chars().collect();
         let mut prev: Vec<usize> = (0..=b.len()).collect();

@@ -405,7 +405,7 @@ impl Check<'_> {
         let names: Vec<&str> = tasks.keys().map(String::as_str).collect();
         for (target, node, path) in &do_refs {
             if !tasks.contains_key(target) && !ENGINE_COMMANDS.contains(&target.as_str()) {
-                let hint = match closest(target, &names) {
+                let hint = match aviary_core::diagnostic::suggest(target, &names) {
                     Some(s) => format!("did you mean `{s}`? tasks: {}", names.join(", ")),
                     None => format!(
                         "tasks: {}; engine commands: {}",
@@ -810,31 +810,6 @@ fn join(prefix: &str, key: &str) -> String {
     } else {
         format!("{prefix}.{key}")
     }
-}
-
-fn closest<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
-    fn distance(a: &str, b: &str) -> usize {
-        let b: Vec<char> = b.chars().collect();
-        let mut prev: Vec<usize> = (0..=b.len()).collect();
-        for (i, ca) in a.chars().enumerate() {
-            let mut cur = vec![i + 1];
-            for (j, cb) in b.iter().enumerate() {
-                cur.push(
-                    (prev[j] + usize::from(ca != *cb))
-                        .min(prev[j + 1] + 1)
-                        .min(cur[j] + 1),
-                );
-            }
-            prev = cur;
-        }
-        prev[b.len()]
-    }
-    candidates
-        .iter()
-        .map(|c| (distance(word, c), *c))
-        .filter(|(d, _)| *d <= 2)
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, c)| c)
 }
 
 /// Splits `core.echo message=<% ctx().name %> n=1` into the action
