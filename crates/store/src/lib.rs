@@ -280,8 +280,32 @@ pub trait Store: Send + Sync + 'static {
     async fn count_executions(&self, status: Option<ExecutionStatus>) -> Result<u64, StoreError>;
     /// At a node's start: its `scheduled` executions go back to `requested`
     /// (they never started, node cleared); its `running`/`canceling` ones become
-    /// `abandoned` with an `error` in their result. Returns the abandoned ids.
+    /// `abandoned` with an `error` in their result, except `orquesta`
+    /// workflows, which stay as they are (they resume from their stored
+    /// state). Returns the abandoned ids.
     async fn recover_node(&self, node: &str, at: DateTime<Utc>) -> Result<Vec<String>, StoreError>;
+
+    /// Ids of `orquesta` executions that are `running` or `canceling`,
+    /// optionally only those of one node (the workflow resume scan).
+    async fn list_running_workflows(&self, node: Option<&str>) -> Result<Vec<String>, StoreError>;
+    /// A workflow execution's stored state and its version, if saved.
+    async fn load_workflow(
+        &self,
+        execution_id: &str,
+    ) -> Result<Option<(i64, serde_json::Value)>, StoreError>;
+    /// Saves a workflow's state and creates its new child executions, in one
+    /// transaction. `expected_version` `None` inserts the first state (fails
+    /// if one exists); `Some(v)` replaces the state only if its version is
+    /// still `v`. The stored version becomes `v + 1` (1 for a new one).
+    /// Returns `false`, writing nothing, when the version did not match (the
+    /// caller reloads and retries).
+    async fn save_workflow(
+        &self,
+        execution_id: &str,
+        expected_version: Option<i64>,
+        state: serde_json::Value,
+        children: Vec<NewExecution>,
+    ) -> Result<bool, StoreError>;
 
     /// Appends output chunks. A chunk whose `(execution_id, seq)` is already
     /// stored is ignored (appending is idempotent).

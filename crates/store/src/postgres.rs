@@ -28,7 +28,14 @@ use crate::{ExecutionFilter, Ingest, IngestOutcome, NewExecution, OutputChunk, S
 
 const BACKEND: &str = "postgres";
 
-const MIGRATIONS: &[Migration] = &[(1, "init", include_str!("migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[Migration] = &[
+    (1, "init", include_str!("migrations/postgres/0001_init.sql")),
+    (
+        2,
+        "workflows",
+        include_str!("migrations/postgres/0002_workflows.sql"),
+    ),
+];
 
 /// A boxed `Send` future returning `Result<T, StoreError>`.
 type BoxedFuture<'a, T> =
@@ -523,6 +530,7 @@ impl Store for PgStore {
             // more than `limit` rows.
             "WITH picked AS ( \
                  SELECT seq AS picked_seq FROM executions WHERE status = 'requested' \
+                 AND created_at <= $3 \
                  ORDER BY created_at, seq LIMIT $2 FOR UPDATE SKIP LOCKED) \
              UPDATE executions SET status = 'scheduled', node = $1 \
              FROM picked WHERE executions.seq = picked.picked_seq \
@@ -530,6 +538,7 @@ impl Store for PgStore {
         ))
         .bind(node)
         .bind(i64::from(limit))
+        .bind(to_ns(Utc::now(), "claim time")?)
         .fetch_all(&self.pool)
         .await
         .map_err(err("claiming executions"))?;
@@ -644,7 +653,8 @@ impl Store for PgStore {
         let ids: Vec<String> = sqlx::query_scalar(
             "UPDATE executions SET status = 'abandoned', finished_at = $2, \
              result = CASE WHEN jsonb_typeof(result) = 'object' THEN result || $3 ELSE $3 END \
-             WHERE node = $1 AND status IN ('running', 'canceling') RETURNING id",
+             WHERE node = $1 AND status IN ('running', 'canceling') \
+             AND runner <> 'orquesta' RETURNING id",
         )
         .bind(node)
         .bind(to_ns(at, "recovery time")?)
@@ -654,6 +664,79 @@ impl Store for PgStore {
         .map_err(err(op))?;
         tx.commit().await.map_err(err(op))?;
         Ok(ids)
+    }
+
+    async fn list_running_workflows(&self, node: Option<&str>) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT id FROM executions WHERE runner = 'orquesta' \
+             AND status IN ('running', 'canceling') \
+             AND ($1::text IS NULL OR node = $1) ORDER BY seq",
+        )
+        .bind(node)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err("listing running workflows"))
+    }
+
+    async fn load_workflow(
+        &self,
+        execution_id: &str,
+    ) -> Result<Option<(i64, serde_json::Value)>, StoreError> {
+        let row = sqlx::query("SELECT version, state FROM workflow_states WHERE execution_id = $1")
+            .bind(execution_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(err("reading a workflow's state"))?;
+        row.map(|r| {
+            let v: i64 = r.try_get(0).map_err(corrupt("workflow state"))?;
+            let s: serde_json::Value = r.try_get(1).map_err(corrupt("workflow state"))?;
+            Ok((v, s))
+        })
+        .transpose()
+    }
+
+    async fn save_workflow(
+        &self,
+        execution_id: &str,
+        expected_version: Option<i64>,
+        state: serde_json::Value,
+        children: Vec<NewExecution>,
+    ) -> Result<bool, StoreError> {
+        let op = "saving a workflow's state";
+        let at = to_ns(Utc::now(), "workflow save time")?;
+        let mut tx = self.pool.begin().await.map_err(err(op))?;
+        let done = match expected_version {
+            None => sqlx::query(
+                "INSERT INTO workflow_states (execution_id, version, state, updated_at) \
+                 VALUES ($1, 1, $2, $3) ON CONFLICT (execution_id) DO NOTHING",
+            )
+            .bind(execution_id)
+            .bind(&state)
+            .bind(at)
+            .execute(&mut *tx)
+            .await
+            .map_err(err(op))?,
+            Some(v) => sqlx::query(
+                "UPDATE workflow_states SET version = version + 1, state = $2, updated_at = $3 \
+                 WHERE execution_id = $1 AND version = $4",
+            )
+            .bind(execution_id)
+            .bind(&state)
+            .bind(at)
+            .bind(v)
+            .execute(&mut *tx)
+            .await
+            .map_err(err(op))?,
+        };
+        if done.rows_affected() == 0 {
+            tx.rollback().await.map_err(err(op))?;
+            return Ok(false);
+        }
+        for child in &children {
+            insert_execution(&mut *tx, child).await?;
+        }
+        tx.commit().await.map_err(err(op))?;
+        Ok(true)
     }
 
     async fn append_output(&self, chunks: Vec<OutputChunk>) -> Result<(), StoreError> {

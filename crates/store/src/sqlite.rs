@@ -38,7 +38,14 @@ const READERS: usize = 4;
 /// How long a connection waits for a lock held by another process.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-const MIGRATIONS: &[Migration] = &[(1, "init", include_str!("migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[Migration] = &[
+    (1, "init", include_str!("migrations/sqlite/0001_init.sql")),
+    (
+        2,
+        "workflows",
+        include_str!("migrations/sqlite/0002_workflows.sql"),
+    ),
+];
 
 const BACKEND: &str = "sqlite";
 
@@ -852,17 +859,19 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         }
         let node = node.to_string();
+        let now = to_ns(Utc::now(), "claim time")?;
         self.write(move |conn| {
             let op = "claiming executions";
             let sql = format!(
                 "UPDATE executions SET status = 'scheduled', node = ?1 \
                  WHERE seq IN (SELECT seq FROM executions WHERE status = 'requested' \
+                               AND created_at <= ?3 \
                                ORDER BY created_at, seq LIMIT ?2) \
                  AND status = 'requested' \
                  RETURNING {EXEC_COLS}, seq"
             );
             let mut stmt = conn.prepare_cached(&sql).map_err(err(op))?;
-            let mut rows = stmt.query(params![node, limit]).map_err(err(op))?;
+            let mut rows = stmt.query(params![node, limit, now]).map_err(err(op))?;
             let mut out = Vec::new();
             while let Some(row) = rows.next().map_err(err(op))? {
                 let seq: i64 = row.get(17).map_err(corrupt("execution"))?;
@@ -1013,6 +1022,7 @@ impl Store for SqliteStore {
                      result = CASE WHEN json_type(result) = 'object' \
                                    THEN json_patch(result, ?3) ELSE ?3 END \
                      WHERE node = ?1 AND status IN ('running', 'canceling') \
+                     AND runner <> 'orquesta' \
                      RETURNING id",
                 )
                 .map_err(err(op))?;
@@ -1022,6 +1032,93 @@ impl Store for SqliteStore {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(err(op))?;
             Ok(ids)
+        })
+        .await
+    }
+
+    async fn list_running_workflows(&self, node: Option<&str>) -> Result<Vec<String>, StoreError> {
+        let node = node.map(str::to_string);
+        self.read(move |conn| {
+            let op = "listing running workflows";
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id FROM executions WHERE runner = 'orquesta' \
+                     AND status IN ('running', 'canceling') \
+                     AND (?1 IS NULL OR node = ?1) ORDER BY seq",
+                )
+                .map_err(err(op))?;
+            let ids = stmt
+                .query_map(params![node], |r| r.get::<_, String>(0))
+                .map_err(err(op))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(err(op))?;
+            Ok(ids)
+        })
+        .await
+    }
+
+    async fn load_workflow(
+        &self,
+        execution_id: &str,
+    ) -> Result<Option<(i64, serde_json::Value)>, StoreError> {
+        let id = execution_id.to_string();
+        self.read(move |conn| {
+            let op = "reading a workflow's state";
+            let row: Option<(i64, String)> = conn
+                .prepare_cached(
+                    "SELECT version, state FROM workflow_states WHERE execution_id = ?1",
+                )
+                .map_err(err(op))?
+                .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+                .map_err(err(op))?;
+            row.map(|(v, s)| Ok((v, parse_json(&s, "workflow state")?)))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn save_workflow(
+        &self,
+        execution_id: &str,
+        expected_version: Option<i64>,
+        state: serde_json::Value,
+        children: Vec<NewExecution>,
+    ) -> Result<bool, StoreError> {
+        let id = execution_id.to_string();
+        let state = json_text(&state);
+        let at = to_ns(Utc::now(), "workflow save time")?;
+        let rows = children
+            .into_iter()
+            .map(encode_exec)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.write(move |conn| {
+            let op = "saving a workflow's state";
+            let changed = match expected_version {
+                None => conn
+                    .prepare_cached(
+                        "INSERT INTO workflow_states (execution_id, version, state, updated_at) \
+                         VALUES (?1, 1, ?2, ?3) ON CONFLICT (execution_id) DO NOTHING",
+                    )
+                    .map_err(err(op))?
+                    .execute(params![id, state, at])
+                    .map_err(err(op))?,
+                Some(v) => conn
+                    .prepare_cached(
+                        "UPDATE workflow_states SET version = version + 1, state = ?2, \
+                         updated_at = ?3 WHERE execution_id = ?1 AND version = ?4",
+                    )
+                    .map_err(err(op))?
+                    .execute(params![id, state, at, v])
+                    .map_err(err(op))?,
+            };
+            if changed == 0 {
+                return Ok(false);
+            }
+            for x in &rows {
+                insert_execution(conn, x)?;
+            }
+            Ok(true)
         })
         .await
     }

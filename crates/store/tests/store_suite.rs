@@ -135,6 +135,9 @@ both_backends!(
     timers_round_trip,
     migrations_are_idempotent_on_reopen,
     concurrent_opens_migrate_once,
+    workflow_state_is_versioned_and_saved_with_children,
+    running_workflows_survive_recovery,
+    future_executions_are_not_claimed_early,
 );
 
 // ---------------------------------------------------------------- builders
@@ -449,7 +452,8 @@ async fn trigger_instances_list_newest_first_with_filter(h: &Harness) {
 
 async fn claim_takes_oldest_requested_with_secrets(h: &Harness) {
     let s = &h.store;
-    let t0 = now();
+    // In the past: executions created in the future are not due yet.
+    let t0 = now() - Duration::hours(1);
     let mut made = Vec::new();
     // Created out of order on purpose: claim follows created_at, not insertion.
     for i in [3i64, 0, 4, 1, 2] {
@@ -508,7 +512,7 @@ async fn claim_takes_oldest_requested_with_secrets(h: &Harness) {
 
 async fn concurrent_claimers_never_share_an_execution(h: &Harness) {
     let s = &h.store;
-    let t0 = now();
+    let t0 = now() - Duration::hours(1);
     let mut all = HashSet::new();
     for i in 0..200 {
         let x = new_exec("a.b", t0 + Duration::milliseconds(i), None);
@@ -1135,7 +1139,7 @@ async fn migrations_are_idempotent_on_reopen(h: &Harness) {
             }
         );
     }
-    assert_eq!(migration_rows(h).await, vec![1]);
+    assert_eq!(migration_rows(h).await, vec![1, 2]);
 }
 
 async fn concurrent_opens_migrate_once(h: &Harness) {
@@ -1148,7 +1152,7 @@ async fn concurrent_opens_migrate_once(h: &Harness) {
         let s = t.await.unwrap().unwrap();
         assert_eq!(s.count_executions(None).await.unwrap(), 0);
     }
-    assert_eq!(migration_rows(h).await, vec![1]);
+    assert_eq!(migration_rows(h).await, vec![1, 2]);
 }
 
 /// The versions recorded in `schema_migrations`, read directly.
@@ -1177,6 +1181,134 @@ async fn migration_rows(h: &Harness) -> Vec<i64> {
         .await
         .unwrap()
     }
+}
+
+async fn workflow_state_is_versioned_and_saved_with_children(h: &Harness) {
+    let s = &h.store;
+    assert_eq!(s.load_workflow("wf1").await.unwrap(), None);
+    let child1 = new_exec("core.echo", now(), Some("sec"));
+    assert!(
+        s.save_workflow("wf1", None, json!({"step": 1}), vec![child1.clone()])
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.load_workflow("wf1").await.unwrap(),
+        Some((1, json!({"step": 1})))
+    );
+    assert_eq!(
+        s.get_execution(&child1.execution.id).await.unwrap(),
+        Some(child1.execution.clone())
+    );
+    // A second first-save loses, and writes nothing.
+    let lost = new_exec("core.echo", now(), None);
+    assert!(
+        !s.save_workflow("wf1", None, json!({"step": 9}), vec![lost.clone()])
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.get_execution(&lost.execution.id).await.unwrap(), None);
+    // A stale version loses; the right one wins and bumps it.
+    assert!(
+        !s.save_workflow("wf1", Some(7), json!({"step": 9}), vec![lost.clone()])
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.get_execution(&lost.execution.id).await.unwrap(), None);
+    let child2 = new_exec("core.local", now(), None);
+    let child3 = new_exec("core.local", now(), None);
+    assert!(
+        s.save_workflow(
+            "wf1",
+            Some(1),
+            json!({"step": 2}),
+            vec![child2.clone(), child3.clone()]
+        )
+        .await
+        .unwrap()
+    );
+    assert_eq!(
+        s.load_workflow("wf1").await.unwrap(),
+        Some((2, json!({"step": 2})))
+    );
+    assert!(
+        s.get_execution(&child2.execution.id)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        s.get_execution(&child3.execution.id)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // Concurrent savers of the same version: exactly one wins.
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let store = s.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .save_workflow("wf1", Some(2), json!({"by": i}), Vec::new())
+                .await
+                .unwrap()
+        }));
+    }
+    let mut wins = 0;
+    for t in tasks {
+        if t.await.unwrap() {
+            wins += 1;
+        }
+    }
+    assert_eq!(wins, 1);
+    assert_eq!(s.load_workflow("wf1").await.unwrap().unwrap().0, 3);
+}
+
+async fn running_workflows_survive_recovery(h: &Harness) {
+    use ExecutionStatus::*;
+    let s = &h.store;
+    let mk = |status: ExecutionStatus, runner: &str, node: &str| {
+        let mut x = new_exec("p.wf", now(), None);
+        x.execution.status = status;
+        x.execution.runner = runner.to_string();
+        x.execution.node = Some(node.to_string());
+        x
+    };
+    let wf_a = mk(Running, "orquesta", "A");
+    let wf_b = mk(Running, "orquesta", "B");
+    let wf_done = mk(Succeeded, "orquesta", "A");
+    let task_a = mk(Running, "local-shell-cmd", "A");
+    for x in [&wf_a, &wf_b, &wf_done, &task_a] {
+        s.create_execution(x.clone()).await.unwrap();
+    }
+    assert_eq!(
+        s.list_running_workflows(Some("A")).await.unwrap(),
+        vec![wf_a.execution.id.clone()]
+    );
+    assert_eq!(
+        s.list_running_workflows(None).await.unwrap(),
+        vec![wf_a.execution.id.clone(), wf_b.execution.id.clone()]
+    );
+    let abandoned = s.recover_node("A", now()).await.unwrap();
+    assert_eq!(abandoned, vec![task_a.execution.id.clone()]);
+    let wf = s.get_execution(&wf_a.execution.id).await.unwrap().unwrap();
+    assert_eq!(wf.status, Running);
+    assert_eq!(
+        s.list_running_workflows(Some("A")).await.unwrap(),
+        vec![wf_a.execution.id.clone()]
+    );
+}
+
+async fn future_executions_are_not_claimed_early(h: &Harness) {
+    let s = &h.store;
+    let later = new_exec("a.b", now() + chrono::Duration::hours(1), None);
+    let due = new_exec("a.b", now(), None);
+    s.create_execution(later.clone()).await.unwrap();
+    s.create_execution(due.clone()).await.unwrap();
+    let got = s.claim_executions("A", 10).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].execution.id, due.execution.id);
+    assert!(s.claim_executions("A", 10).await.unwrap().is_empty());
 }
 
 // ------------------------------------------------------- backend-specific

@@ -1,0 +1,10 @@
+-- Aviary schema version 2 (SQLite): durable Orquesta workflow state.
+-- One row per running (or finished) workflow execution; `version` is bumped
+-- on every save so concurrent steppers detect each other (optimistic lock).
+
+CREATE TABLE workflow_states (
+    execution_id TEXT    PRIMARY KEY,
+    version      INTEGER NOT NULL,
+    state        TEXT    NOT NULL,
+    updated_at   INTEGER NOT NULL
+);
