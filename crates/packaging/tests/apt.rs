@@ -195,7 +195,7 @@ impl Apt {
         let (ok, text) = self.run(&["download", pkg], false);
         assert!(ok, "apt-get download {pkg} failed:\n{text}");
         let dl = self.dir.join("dl");
-        let found = std::fs::read_dir(&dl)
+        std::fs::read_dir(&dl)
             .unwrap()
             .map(|e| e.unwrap().path())
             .find(|p| {
@@ -204,8 +204,7 @@ impl Apt {
                     .to_string_lossy()
                     .starts_with(&format!("{pkg}_"))
             })
-            .unwrap_or_else(|| panic!("{pkg} not downloaded:\n{text}"));
-        found
+            .unwrap_or_else(|| panic!("{pkg} not downloaded:\n{text}"))
     }
 }
 
@@ -431,7 +430,9 @@ fn duplicates_conflicts_and_bad_files() {
     std::fs::write(&junk, "not a package").unwrap();
     let err = repo.add(&[junk], "stable", "main").unwrap_err();
     assert!(matches!(err, AptError::NotADeb { .. }), "{err}");
-    let err = repo.add(&[a.clone()], "unstable", "main").unwrap_err();
+    let err = repo
+        .add(std::slice::from_ref(&a), "unstable", "main")
+        .unwrap_err();
     assert!(err.to_string().contains("not configured"), "{err}");
     let arm = build_deb(tmp.path(), "armonly", "1.0", "arm64", "x");
     assert!(matches!(

@@ -37,15 +37,11 @@ pub enum AptError {
     },
     /// A package with the same name, version and architecture but other content exists.
     #[error(
-        "{name} {version} ({arch}) is already in the repository with different content (sha256 {existing} there, {new} in {path}); bump the version instead of rebuilding the same one"
+        "{package} is already in the repository with different content (sha256 {existing} there, {new} in {path}); bump the version instead of rebuilding the same one"
     )]
     Conflict {
-        /// Package name.
-        name: String,
-        /// Package version.
-        version: String,
-        /// Architecture.
-        arch: String,
+        /// `name version (arch)`.
+        package: String,
         /// SHA-256 of the published file.
         existing: String,
         /// SHA-256 of the new file.
