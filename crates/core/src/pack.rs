@@ -365,6 +365,10 @@ const CORE_FILES: &[(&str, &str)] = &[
         include_str!("builtin/actions/noop.yaml"),
     ),
     (
+        "actions/ci_build.yaml",
+        include_str!("builtin/actions/ci_build.yaml"),
+    ),
+    (
         "actions/inject_trigger.yaml",
         include_str!("builtin/actions/inject_trigger.yaml"),
     ),
@@ -416,6 +420,7 @@ mod tests {
         assert_eq!(
             refs,
             vec![
+                "core.ci_build",
                 "core.echo",
                 "core.http",
                 "core.inject_trigger",
@@ -423,7 +428,7 @@ mod tests {
                 "core.noop"
             ]
         );
-        let echo = &pack.actions[0];
+        let echo = pack.actions.iter().find(|a| a.name == "echo").unwrap();
         let cmd = echo.parameters.get("cmd").unwrap();
         assert!(cmd.immutable && cmd.runner_param);
         assert_eq!(cmd.default, Some(serde_json::json!("echo")));

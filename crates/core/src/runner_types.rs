@@ -15,6 +15,7 @@ pub const RUNNER_TYPES: &[&str] = &[
     "http-request",
     "orquesta",
     "inject-trigger",
+    "ci-build",
 ];
 
 /// Runner types whose actions must name an `entry_point` file.
@@ -90,6 +91,61 @@ pub fn runner_parameters(runner_type: &str) -> Option<ParamSchema> {
             v
         }
         "local-shell-script" => shell_common(),
+        "ci-build" => {
+            let mut repo = spec(
+                ParamType::String,
+                "Repository to build: a URL git can fetch, or a path.",
+            );
+            repo.required = true;
+            vec![
+                ("repo".into(), repo),
+                (
+                    "branch".into(),
+                    spec(
+                        ParamType::String,
+                        "Branch to build (refs/heads/ is optional).",
+                    ),
+                ),
+                (
+                    "commit".into(),
+                    spec(
+                        ParamType::String,
+                        "Commit to build; default: the branch's head.",
+                    ),
+                ),
+                (
+                    "project".into(),
+                    spec(
+                        ParamType::String,
+                        "Project name; default: the repository's name.",
+                    ),
+                ),
+                (
+                    "depth".into(),
+                    with_default(
+                        spec(ParamType::Integer, "History depth to fetch."),
+                        json!(1),
+                    ),
+                ),
+                (
+                    "env".into(),
+                    spec(
+                        ParamType::Object,
+                        "Environment variables for the build scripts.",
+                    ),
+                ),
+                (
+                    "timeout".into(),
+                    with_default(
+                        spec(
+                            ParamType::Integer,
+                            "Seconds before the whole build is stopped.",
+                        ),
+                        json!(3600),
+                    ),
+                ),
+            ]
+        }
         "http-request" => {
             let mut url = spec(ParamType::String, "URL to request.");
             url.required = true;

@@ -9,6 +9,7 @@
 //! Event data never reaches a shell as text: action parameters are passed as
 //! argv entries and environment variables only.
 
+mod ci;
 mod http;
 mod mask;
 mod shell;
@@ -29,9 +30,17 @@ pub const LOCAL_SHELL_CMD: &str = "local-shell-cmd";
 pub const LOCAL_SHELL_SCRIPT: &str = "local-shell-script";
 /// Runner type that makes one HTTP request.
 pub const HTTP_REQUEST: &str = "http-request";
+/// Runner type: check out a repository and run its CI scripts.
+pub const CI_BUILD: &str = "ci-build";
 
 /// Every runner type this crate can run.
-pub const KNOWN_RUNNERS: [&str; 4] = [NOOP, LOCAL_SHELL_CMD, LOCAL_SHELL_SCRIPT, HTTP_REQUEST];
+pub const KNOWN_RUNNERS: [&str; 5] = [
+    NOOP,
+    LOCAL_SHELL_CMD,
+    LOCAL_SHELL_SCRIPT,
+    HTTP_REQUEST,
+    CI_BUILD,
+];
 
 /// Maximum stored size of stdout, stderr and an HTTP response body (1 MiB).
 pub const OUTPUT_CAP: usize = 1024 * 1024;
@@ -94,7 +103,7 @@ pub struct RunOutcome {
 
 impl RunOutcome {
     /// A `Failed` outcome whose result is `{"error": message}`.
-    fn error(status: ExecutionStatus, message: impl Into<String>) -> Self {
+    pub(crate) fn error(status: ExecutionStatus, message: impl Into<String>) -> Self {
         let mut m = Map::new();
         m.insert("error".into(), Value::String(message.into()));
         Self {
@@ -203,6 +212,7 @@ pub async fn run(
         }),
         LOCAL_SHELL_CMD | LOCAL_SHELL_SCRIPT => shell::run(&req, &masker, output, cancel).await,
         HTTP_REQUEST => http::run(&req, &masker, cancel).await,
+        CI_BUILD => ci::run(&req, &masker, output, cancel).await,
         other => Err(RunnerError::UnknownRunner {
             action: req.action_ref.clone(),
             runner: other.to_owned(),
@@ -220,7 +230,7 @@ pub async fn run(
 }
 
 /// Effective timeout: the request's, or the `timeout` parameter (seconds) if smaller.
-fn effective_timeout(req: &RunRequest) -> Duration {
+pub(crate) fn effective_timeout(req: &RunRequest) -> Duration {
     let param = req
         .parameters
         .get("timeout")
