@@ -12,6 +12,7 @@ use aviary_core::diagnostic::{Diagnostic, Diagnostics};
 use aviary_core::model::WEBHOOK_TRIGGER;
 use aviary_core::pack::{Pack, SourceFile, core_pack, load_pack};
 use aviary_core::rule::Rule;
+use aviary_workflow::spec::{WorkflowSpec, parse_workflow};
 use serde::Serialize;
 
 /// Files larger than this are not read as pack files.
@@ -53,6 +54,8 @@ pub struct Registry {
     pub by_trigger: HashMap<String, Vec<usize>>,
     /// Webhook rules by webhook URL (indexes into `rules`).
     pub webhooks: HashMap<String, Vec<usize>>,
+    /// Parsed workflow definitions of `orquesta` actions, by action reference.
+    pub workflows: HashMap<String, Arc<WorkflowSpec>>,
 }
 
 /// Why packs could not be loaded.
@@ -163,6 +166,7 @@ impl Registry {
                 });
             }
         }
+        load_workflows(&mut reg, problems);
         for rule in &reg.rules {
             let compiled = CompiledCriteria::new(&rule.criteria).unwrap_or_else(|e| {
                 problems.push(Diagnostic {
@@ -198,6 +202,97 @@ impl Registry {
     pub fn rule(&self, reference: &str) -> Option<&Arc<Rule>> {
         self.rules.iter().find(|r| r.reference() == reference)
     }
+}
+
+/// Parses the workflow file of every `orquesta` action (its entry point,
+/// relative to the pack's `actions/` folder) into `reg.workflows`, and checks
+/// that every action its tasks run exists. Problems carry the file's full path.
+fn load_workflows(reg: &mut Registry, problems: &mut Vec<Diagnostic>) {
+    let mut refs: Vec<String> = reg
+        .actions
+        .values()
+        .filter(|a| a.runner_type == "orquesta")
+        .map(|a| a.reference())
+        .collect();
+    refs.sort();
+    for reference in refs {
+        let Some(action) = reg.actions.get(&reference).cloned() else {
+            continue;
+        };
+        let entry = action.entry_point.clone().unwrap_or_default();
+        let Some(dir) = reg.pack_dirs.get(&action.pack) else {
+            continue;
+        };
+        let path = dir.join("actions").join(&entry);
+        let file = path.display().to_string();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push(Diagnostic {
+                    file: action
+                        .file
+                        .as_ref()
+                        .map(|f| dir.join(f).display().to_string())
+                        .unwrap_or_else(|| file.clone()),
+                    line: 1,
+                    column: 1,
+                    field: "entry_point".into(),
+                    message: format!(
+                        "workflow action '{reference}' cannot read its workflow file {file}: {e}"
+                    ),
+                    hint: Some(
+                        "entry_point is relative to the pack's actions/ folder, e.g. workflows/deploy.yaml"
+                            .into(),
+                    ),
+                });
+                continue;
+            }
+        };
+        match parse_workflow(&file, &text) {
+            Ok(spec) => {
+                for (task_name, task) in &spec.tasks {
+                    let Some(target) = &task.action else {
+                        continue;
+                    };
+                    if target.contains("<%") || target.contains("{{") {
+                        continue;
+                    }
+                    if !reg.actions.contains_key(target) {
+                        let (line, column) = locate_task_action(&text, task_name, target);
+                        problems.push(Diagnostic {
+                            file: file.clone(),
+                            line,
+                            column,
+                            field: format!("tasks.{task_name}.action"),
+                            message: format!(
+                                "task '{task_name}' of workflow '{reference}' runs action '{target}', which no loaded pack defines"
+                            ),
+                            hint: Some(
+                                "check the spelling (pack.action) or install the pack that defines it"
+                                    .into(),
+                            ),
+                        });
+                    }
+                }
+                reg.workflows.insert(reference, Arc::new(spec));
+            }
+            Err(diags) => problems.extend(diags.0),
+        }
+    }
+}
+
+/// Line and column of `target` after the task's key in a workflow file.
+fn locate_task_action(text: &str, task: &str, target: &str) -> (usize, usize) {
+    let mut in_task = false;
+    for (i, line) in text.lines().enumerate() {
+        if line.trim_start().starts_with(&format!("{task}:")) {
+            in_task = true;
+        }
+        if in_task && let Some(col) = line.find(target) {
+            return (i + 1, col + 1);
+        }
+    }
+    (1, 1)
 }
 
 /// Webhook URLs are matched without leading or trailing slashes.

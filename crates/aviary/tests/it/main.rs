@@ -8,3 +8,4 @@ mod cli;
 mod durability;
 mod packs;
 mod webhooks;
+mod workflows;

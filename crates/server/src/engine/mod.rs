@@ -8,10 +8,12 @@
 //!   runs them on a bounded pool of workers.
 //! - [`timers`] fires the rules on timer triggers.
 //! - [`output`] carries live output to subscribers and into the store.
+//! - [`workflow`] runs Orquesta workflows durably, one step per ended child.
 
 pub mod output;
 pub mod scheduler;
 pub mod timers;
+pub mod workflow;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -511,6 +513,11 @@ impl Engine {
             if let Some(token) = token {
                 token.cancel();
             }
+            if exec.runner == workflow::WORKFLOW_RUNNER {
+                workflow::cancel_children(self, id).await;
+            }
+        } else if exec.parent_id.is_some() {
+            Box::pin(workflow::on_child_finished(self, id)).await;
         }
         self.store.get_execution(id).await
     }

@@ -32,6 +32,10 @@ const MAX_CLAIM: usize = 256;
 /// an execution is requested (or a poll interval passes, for executions
 /// requested by other servers sharing the database).
 pub async fn run_scheduler(engine: Arc<Engine>, shutdown: CancellationToken) {
+    tokio::spawn(super::workflow::run_resume(
+        engine.clone(),
+        shutdown.clone(),
+    ));
     let permits = Arc::new(Semaphore::new(engine.config.workers));
     loop {
         let first = tokio::select! {
@@ -101,8 +105,19 @@ async fn finish(
     }
 }
 
-/// Runs one claimed execution to its end and records the outcome.
+/// Runs one claimed execution to its end and records the outcome; if it is
+/// a workflow's child, steps the workflow.
 async fn run_one(engine: &Engine, new: NewExecution) {
+    let id = new.execution.id.clone();
+    let child = new.execution.parent_id.is_some()
+        && new.execution.runner != super::workflow::WORKFLOW_RUNNER;
+    run_one_inner(engine, new).await;
+    if child {
+        super::workflow::on_child_finished(engine, &id).await;
+    }
+}
+
+async fn run_one_inner(engine: &Engine, new: NewExecution) {
     let exec = new.execution;
     let id = exec.id.clone();
     let registry = engine.registry.load_full();
@@ -131,6 +146,11 @@ async fn run_one(engine: &Engine, new: NewExecution) {
             return;
         }
     };
+    if exec.runner == super::workflow::WORKFLOW_RUNNER {
+        // Holds no worker: the workflow advances as its children end.
+        super::workflow::start(engine, &exec, params).await;
+        return;
+    }
     match engine
         .store
         .transition_execution(

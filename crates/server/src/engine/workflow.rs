@@ -1,0 +1,562 @@
+//! Durable Orquesta workflows.
+//!
+//! A workflow execution (runner `orquesta`) holds no worker while it waits:
+//! its conductor state lives in the store (`workflow_states`), each task's
+//! action is an ordinary child execution (`parent_id` = the workflow), and
+//! the workflow advances one step each time a child ends. A step is: lock the
+//! workflow (in-process), load its state, feed every ended child not yet
+//! applied to the conductor, and save the new state together with the new
+//! children in one transaction (optimistic version check; retried on
+//! conflict). Applied children are recorded, so a child is never applied
+//! twice. After a crash the resume scan steps every running workflow of this
+//! node, which picks up children that ended (or were abandoned) meanwhile.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use aviary_core::model::{Execution, ExecutionStatus};
+use aviary_store::{ExecutionFilter, NewExecution};
+use aviary_workflow::conductor::{self, Command, Env, TaskRef, TaskStatus, WorkflowState};
+use aviary_workflow::spec::WorkflowSpec;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::Engine;
+
+/// The runner type of workflow actions.
+pub const WORKFLOW_RUNNER: &str = "orquesta";
+/// How often running workflows are re-examined (crash recovery, missed steps).
+const RESUME_EVERY: Duration = Duration::from_secs(3);
+/// Most children of one workflow examined per step.
+const MAX_CHILDREN: u32 = 100_000;
+
+/// What is stored per workflow execution.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    /// The conductor's state.
+    conductor: WorkflowState,
+    /// Child execution id -> the task instance it runs.
+    children: BTreeMap<String, TaskRef>,
+    /// Children already fed to the conductor.
+    #[serde(default)]
+    applied: BTreeSet<String>,
+    /// Final status and result, once the conductor finished (the execution
+    /// may not be transitioned yet if the server stopped in between).
+    #[serde(default)]
+    finish: Option<(ExecutionStatus, Value)>,
+}
+
+type Locks = Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
+
+fn locks() -> &'static Locks {
+    static LOCKS: OnceLock<Locks> = OnceLock::new();
+    LOCKS.get_or_init(Default::default)
+}
+
+/// The in-process lock serializing the steps of one workflow.
+fn lock_for(id: &str) -> Arc<tokio::sync::Mutex<()>> {
+    match locks().lock() {
+        Ok(mut map) => map.entry(id.to_string()).or_default().clone(),
+        Err(poisoned) => poisoned
+            .into_inner()
+            .entry(id.to_string())
+            .or_default()
+            .clone(),
+    }
+}
+
+fn forget_lock(id: &str) {
+    if let Ok(mut map) = locks().lock() {
+        map.remove(id);
+    }
+}
+
+fn env() -> Env<'static> {
+    Env {
+        now: Utc::now(),
+        kv: None,
+    }
+}
+
+/// Starts a claimed (`scheduled`) workflow execution: marks it running,
+/// starts its conductor and stores the state with the first children.
+pub async fn start(engine: &Engine, exec: &Execution, params: Map<String, Value>) {
+    let id = exec.id.clone();
+    let lock = lock_for(&id);
+    let _guard = lock.lock().await;
+    let registry = engine.registry.load_full();
+    let Some(spec) = registry.workflows.get(&exec.action).cloned() else {
+        fail_scheduled(
+            engine,
+            &id,
+            format!(
+                "workflow action '{}' has no loaded workflow definition (packs were reloaded?)",
+                exec.action
+            ),
+        )
+        .await;
+        return;
+    };
+    match engine
+        .store
+        .transition_execution(
+            &id,
+            &[ExecutionStatus::Scheduled],
+            ExecutionStatus::Running,
+            None,
+            Utc::now(),
+        )
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::error!(execution = %id, error = %e, "cannot mark workflow running");
+            return;
+        }
+    }
+    let (state, commands) = conductor::start(&spec, params, env());
+    let mut stored = Stored {
+        conductor: state,
+        children: BTreeMap::new(),
+        applied: BTreeSet::new(),
+        finish: None,
+    };
+    let children = run_commands(engine, &spec, &id, &mut stored, commands);
+    let value = match serde_json::to_value(&stored) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(execution = %id, error = %e, "cannot encode workflow state");
+            return;
+        }
+    };
+    match engine.store.save_workflow(&id, None, value, children).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(execution = %id, "workflow state already stored; not starting it again");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(execution = %id, error = %e, "cannot store the workflow's first step");
+            return;
+        }
+    }
+    engine.queue_notify.notify_one();
+    if let Some((status, result)) = stored.finish {
+        complete(engine, &id, status, result).await;
+    }
+}
+
+async fn fail_scheduled(engine: &Engine, id: &str, msg: String) {
+    if let Err(e) = engine
+        .store
+        .transition_execution(
+            id,
+            &[ExecutionStatus::Scheduled, ExecutionStatus::Running],
+            ExecutionStatus::Failed,
+            Some(json!({"error": msg})),
+            Utc::now(),
+        )
+        .await
+    {
+        tracing::error!(execution = id, error = %e, "cannot record a workflow's failure");
+    }
+}
+
+/// Turns conductor commands into child executions (returned, to be saved
+/// with the state). Children that cannot even be created (unknown action,
+/// invalid parameters) are fed back to the conductor as failed at once.
+fn run_commands(
+    engine: &Engine,
+    spec: &WorkflowSpec,
+    wf_id: &str,
+    stored: &mut Stored,
+    commands: Vec<Command>,
+) -> Vec<NewExecution> {
+    let registry = engine.registry.load_full();
+    let mut queue: std::collections::VecDeque<Command> = commands.into();
+    let mut out = Vec::new();
+    while let Some(cmd) = queue.pop_front() {
+        match cmd {
+            Command::RunAction {
+                task,
+                action,
+                input,
+                delay,
+            } => {
+                let now = Utc::now();
+                let at =
+                    now + chrono::Duration::seconds(delay.unwrap_or(0).min(86_400 * 365) as i64);
+                let built = match registry.actions.get(&action) {
+                    Some(meta) => engine
+                        .build_execution(meta, input, &[], format!("workflow:{wf_id}"), at)
+                        .map_err(|e| e.to_string()),
+                    None => Err(format!(
+                        "action '{action}' does not exist; see `aviary action list`"
+                    )),
+                };
+                match built {
+                    Ok(mut new) => {
+                        new.execution.parent_id = Some(wf_id.to_string());
+                        stored
+                            .children
+                            .insert(new.execution.id.clone(), task.clone());
+                        out.push(new);
+                    }
+                    Err(msg) => {
+                        match conductor::on_action_finished(
+                            spec,
+                            &mut stored.conductor,
+                            &task,
+                            TaskStatus::Failed,
+                            json!({"error": msg}),
+                            env(),
+                        ) {
+                            Ok(more) => queue.extend(more),
+                            Err(e) => {
+                                tracing::error!(workflow = wf_id, error = %e, "conductor refused a task failure")
+                            }
+                        }
+                    }
+                }
+            }
+            Command::Finish {
+                status,
+                output,
+                errors,
+            } => {
+                let to = match status {
+                    conductor::WorkflowStatus::Succeeded => ExecutionStatus::Succeeded,
+                    conductor::WorkflowStatus::Canceled => ExecutionStatus::Canceled,
+                    _ => ExecutionStatus::Failed,
+                };
+                let mut result = json!({ "output": output, "errors": errors });
+                if to == ExecutionStatus::Failed
+                    && let Some(first) = errors.first()
+                {
+                    result["error"] = json!(first.message);
+                }
+                stored.finish = Some((to, result));
+            }
+        }
+    }
+    out
+}
+
+fn task_status(status: ExecutionStatus) -> TaskStatus {
+    match status {
+        ExecutionStatus::Succeeded => TaskStatus::Succeeded,
+        _ => TaskStatus::Failed,
+    }
+}
+
+fn child_result(child: &Execution) -> Value {
+    let mut result = child.result.clone();
+    let reason = match child.status {
+        ExecutionStatus::Timeout => Some("the action timed out"),
+        ExecutionStatus::Abandoned => Some("the server stopped while the action ran"),
+        ExecutionStatus::Canceled => Some("the action was canceled"),
+        _ => None,
+    };
+    if let Some(reason) = reason {
+        match &mut result {
+            Value::Object(map) => {
+                map.entry("error").or_insert_with(|| json!(reason));
+                map.insert("status".into(), json!(child.status.as_str()));
+            }
+            other => {
+                *other = json!({"error": reason, "status": child.status.as_str(), "result": other.clone()});
+            }
+        }
+    }
+    result
+}
+
+/// Called when an execution ended: if it is a workflow's child, steps the
+/// workflow (and, when that finishes it, its own parent, and so on).
+pub async fn on_child_finished(engine: &Engine, child_id: &str) {
+    let mut current = child_id.to_string();
+    loop {
+        let parent = match engine.store.get_execution(&current).await {
+            Ok(Some(e)) => e.parent_id,
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(execution = %current, error = %e, "cannot read an ended execution");
+                None
+            }
+        };
+        let Some(parent) = parent else {
+            return;
+        };
+        match engine.store.get_execution(&parent).await {
+            Ok(Some(p)) if p.runner == WORKFLOW_RUNNER => {}
+            _ => return,
+        }
+        if !step(engine, &parent).await {
+            return;
+        }
+        // The workflow finished: it may itself be a child.
+        current = parent;
+    }
+}
+
+/// Advances a workflow with every ended child not yet applied. Returns true
+/// if this call completed the workflow execution.
+pub async fn step(engine: &Engine, wf_id: &str) -> bool {
+    let lock = lock_for(wf_id);
+    let _guard = lock.lock().await;
+    let registry = engine.registry.load_full();
+    for _attempt in 0..20 {
+        let wf = match engine.store.get_execution(wf_id).await {
+            Ok(Some(e)) => e,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::warn!(workflow = wf_id, error = %e, "cannot read workflow execution");
+                return false;
+            }
+        };
+        if wf.status.is_terminal() {
+            forget_lock(wf_id);
+            return false;
+        }
+        let (version, mut stored) = match engine.store.load_workflow(wf_id).await {
+            Ok(Some((v, value))) => match serde_json::from_value::<Stored>(value) {
+                Ok(s) => (v, s),
+                Err(e) => {
+                    fail_running(
+                        engine,
+                        wf_id,
+                        format!("the stored workflow state is unreadable: {e}"),
+                    )
+                    .await;
+                    return true;
+                }
+            },
+            Ok(None) => {
+                // Running without a stored state: the server stopped between
+                // marking it running and storing its first step (they happen
+                // under this lock). No child exists yet (children are stored
+                // with the state), so it is safe to queue it again.
+                if wf.status == ExecutionStatus::Running {
+                    match engine
+                        .store
+                        .transition_execution(
+                            wf_id,
+                            &[ExecutionStatus::Running],
+                            ExecutionStatus::Requested,
+                            None,
+                            Utc::now(),
+                        )
+                        .await
+                    {
+                        Ok(true) => engine.queue_notify.notify_one(),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(workflow = wf_id, error = %e, "cannot requeue a workflow that never stepped")
+                        }
+                    }
+                } else if wf.status == ExecutionStatus::Canceling {
+                    complete(
+                        engine,
+                        wf_id,
+                        ExecutionStatus::Canceled,
+                        json!({"error": "canceled before its first step"}),
+                    )
+                    .await;
+                    return true;
+                }
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(workflow = wf_id, error = %e, "cannot load workflow state");
+                return false;
+            }
+        };
+        if let Some((status, result)) = stored.finish.clone() {
+            return complete(engine, wf_id, status, result).await;
+        }
+        let Some(spec) = registry.workflows.get(&wf.action).cloned() else {
+            fail_running(
+                engine,
+                wf_id,
+                format!("workflow action '{}' is no longer loaded", wf.action),
+            )
+            .await;
+            return true;
+        };
+        let filter = ExecutionFilter {
+            parent_id: Some(wf_id.to_string()),
+            limit: MAX_CHILDREN,
+            ..Default::default()
+        };
+        let mut kids = match engine.store.list_executions(&filter).await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(workflow = wf_id, error = %e, "cannot list workflow children");
+                return false;
+            }
+        };
+        kids.reverse(); // oldest first
+        let mut commands = Vec::new();
+        let mut changed = false;
+        if wf.status == ExecutionStatus::Canceling
+            && stored.conductor.status == conductor::WorkflowStatus::Running
+        {
+            commands.extend(conductor::cancel(&spec, &mut stored.conductor, env()));
+            changed = true;
+        }
+        for kid in &kids {
+            if !kid.status.is_terminal() || stored.applied.contains(&kid.id) {
+                continue;
+            }
+            let Some(task) = stored.children.get(&kid.id).cloned() else {
+                continue;
+            };
+            stored.applied.insert(kid.id.clone());
+            changed = true;
+            match conductor::on_action_finished(
+                &spec,
+                &mut stored.conductor,
+                &task,
+                task_status(kid.status),
+                child_result(kid),
+                env(),
+            ) {
+                Ok(more) => commands.extend(more),
+                Err(e) => {
+                    tracing::warn!(workflow = wf_id, child = %kid.id, error = %e, "conductor ignored a child's end")
+                }
+            }
+        }
+        if !changed {
+            return false;
+        }
+        let children = run_commands(engine, &spec, wf_id, &mut stored, commands);
+        let value = match serde_json::to_value(&stored) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(workflow = wf_id, error = %e, "cannot encode workflow state");
+                return false;
+            }
+        };
+        let any_children = !children.is_empty();
+        match engine
+            .store
+            .save_workflow(wf_id, Some(version), value, children)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(workflow = wf_id, error = %e, "cannot save workflow step");
+                return false;
+            }
+        }
+        if any_children {
+            engine.queue_notify.notify_one();
+        }
+        if let Some((status, result)) = stored.finish {
+            return complete(engine, wf_id, status, result).await;
+        }
+        return false;
+    }
+    tracing::warn!(
+        workflow = wf_id,
+        "workflow step kept conflicting; the resume scan will retry"
+    );
+    false
+}
+
+async fn fail_running(engine: &Engine, wf_id: &str, msg: String) {
+    complete(
+        engine,
+        wf_id,
+        ExecutionStatus::Failed,
+        json!({"error": msg}),
+    )
+    .await;
+}
+
+/// Moves the workflow execution to its final status. Returns whether it changed.
+async fn complete(engine: &Engine, wf_id: &str, status: ExecutionStatus, result: Value) -> bool {
+    let changed = match engine
+        .store
+        .transition_execution(
+            wf_id,
+            &[ExecutionStatus::Running, ExecutionStatus::Canceling],
+            status,
+            Some(result),
+            Utc::now(),
+        )
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(workflow = wf_id, error = %e, "cannot record the end of a workflow");
+            false
+        }
+    };
+    if changed {
+        forget_lock(wf_id);
+        engine.emit_action_trigger(wf_id).await;
+    }
+    changed
+}
+
+/// Cancels the non-terminal children of a workflow being canceled, then
+/// steps it (it ends as canceled once no child runs).
+pub async fn cancel_children(engine: &Engine, wf_id: &str) {
+    let filter = ExecutionFilter {
+        parent_id: Some(wf_id.to_string()),
+        limit: MAX_CHILDREN,
+        ..Default::default()
+    };
+    match engine.store.list_executions(&filter).await {
+        Ok(kids) => {
+            for kid in kids.into_iter().filter(|k| !k.status.is_terminal()) {
+                if let Err(e) = Box::pin(engine.cancel(&kid.id)).await {
+                    tracing::warn!(workflow = wf_id, child = %kid.id, error = %e, "cannot cancel a workflow child");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(workflow = wf_id, error = %e, "cannot list workflow children"),
+    }
+    Box::pin(on_workflow_changed(engine, wf_id)).await;
+}
+
+/// Steps a workflow and, if that completed it, its parents.
+async fn on_workflow_changed(engine: &Engine, wf_id: &str) {
+    if step(engine, wf_id).await {
+        on_child_finished(engine, wf_id).await;
+    }
+}
+
+/// Steps every running workflow of this node now and then every few
+/// seconds, until `shutdown`: resumes workflows after a crash and catches
+/// any step missed.
+pub async fn run_resume(engine: Arc<Engine>, shutdown: CancellationToken) {
+    loop {
+        match engine
+            .store
+            .list_running_workflows(Some(&engine.config.node))
+            .await
+        {
+            Ok(ids) => {
+                for id in ids {
+                    if shutdown.is_cancelled() {
+                        return;
+                    }
+                    on_workflow_changed(&engine, &id).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list running workflows"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(RESUME_EVERY) => {}
+        }
+    }
+}
