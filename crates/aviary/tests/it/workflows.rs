@@ -124,6 +124,42 @@ output:
     );
     action(
         &pack,
+        "secretive",
+        "  token:\n    type: string\n    secret: true\n    required: true\n",
+    );
+    write(
+        &pack.join("actions/workflows/secretive.yaml"),
+        r#"version: 1.0
+input:
+  - token
+tasks:
+  use:
+    action: core.echo
+    input:
+      message: <% ctx(token) %>
+"#,
+    );
+    action(&pack, "slow", "  {}\n");
+    write(
+        &pack.join("actions/workflows/slow.yaml"),
+        r#"version: 1.0
+tasks:
+  a:
+    action: core.local
+    input:
+      cmd: sleep 30
+    next:
+      - do: after
+  b:
+    action: core.local
+    input:
+      cmd: sleep 30
+  after:
+    action: core.noop
+"#,
+    );
+    action(
+        &pack,
         "steps",
         "  file:\n    type: string\n    required: true\n",
     );
@@ -312,6 +348,64 @@ fn survives_kill9(backend: Backend) {
             "{wf}"
         );
     }
+}
+
+fn cancel_cascades(backend: Backend) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pack = wf_pack(dir.path());
+    // One worker: one child runs, the other waits in the queue.
+    let s = Server::start_with(backend, &[&pack], &["--workers", "1"]);
+    let id = run(&s, "wf.slow", json!({}));
+    s.wait_for("a child running and one queued", || {
+        let kids = children(&s, &id);
+        let running = kids.iter().filter(|k| k["status"] == "running").count();
+        (kids.len() == 2 && running == 1).then_some(())
+    });
+    let (st, body) = s.post(&format!("/api/v1/executions/{id}/cancel"), json!({}));
+    assert!(st == 200 || st == 202, "{st} {body}");
+    let wf = s.wait_execution(&id);
+    assert_eq!(wf["status"], "canceled", "{wf}\n{}", s.log());
+    let kids = children(&s, &id);
+    assert_eq!(kids.len(), 2, "nothing new after the cancel: {kids:?}");
+    for k in &kids {
+        assert_eq!(k["status"], "canceled", "{k}");
+    }
+}
+
+#[test]
+fn secrets_stay_encrypted_in_state_and_children() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pack = wf_pack(dir.path());
+    let s = Server::start(Backend::Sqlite, &[&pack]);
+    let token = "s3cr3t-wf-token-4711";
+    let id = run(&s, "wf.secretive", json!({"token": token}));
+    let wf = s.wait_execution(&id);
+    assert_eq!(wf["status"], "succeeded", "{wf}\n{}", s.log());
+    assert!(!wf.to_string().contains(token), "{wf}");
+    let kids = children(&s, &id);
+    assert_eq!(kids.len(), 1);
+    assert!(!kids[0].to_string().contains(token), "{:?}", kids[0]);
+    // Nothing in the database files holds the plain value.
+    for name in ["aviary.db", "aviary.db-wal"] {
+        let path = s.dir.path().join(name);
+        if let Ok(bytes) = std::fs::read(&path) {
+            assert!(
+                !bytes.windows(token.len()).any(|w| w == token.as_bytes()),
+                "{} holds the secret in plain text",
+                path.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn cancel_cascades_sqlite() {
+    cancel_cascades(Backend::Sqlite);
+}
+
+#[test]
+fn cancel_cascades_postgres() {
+    cancel_cascades(Backend::Postgres);
 }
 
 #[test]

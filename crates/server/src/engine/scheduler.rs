@@ -148,7 +148,7 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) {
     };
     if exec.runner == super::workflow::WORKFLOW_RUNNER {
         // Holds no worker: the workflow advances as its children end.
-        super::workflow::start(engine, &exec, params).await;
+        super::workflow::start(engine, &exec, params, secrets).await;
         return;
     }
     match engine

@@ -47,6 +47,31 @@ struct Stored {
     /// may not be transitioned yet if the server stopped in between).
     #[serde(default)]
     finish: Option<(ExecutionStatus, Value)>,
+    /// Secret values of the workflow's parameters: children's parameters
+    /// that carry them are stored encrypted and masked. When there are any,
+    /// the whole state is stored encrypted (see [`seal`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    secrets: Vec<String>,
+}
+
+/// Encodes the state for the store; encrypted when it holds secrets.
+fn seal(engine: &Engine, stored: &Stored) -> Result<Value, String> {
+    let value = serde_json::to_value(stored).map_err(|e| e.to_string())?;
+    if stored.secrets.is_empty() {
+        return Ok(value);
+    }
+    Ok(json!({ "sealed": engine.secret_key.encrypt(&value.to_string()) }))
+}
+
+/// Decodes [`seal`]'s output.
+fn unseal(engine: &Engine, value: Value) -> Result<Stored, String> {
+    if let Some(sealed) = value.get("sealed").and_then(Value::as_str) {
+        let plain = engine.secret_key.decrypt(sealed).map_err(|e| {
+            format!("cannot decrypt the workflow state: {e}; was the key file replaced?")
+        })?;
+        return serde_json::from_str(&plain).map_err(|e| e.to_string());
+    }
+    serde_json::from_value(value).map_err(|e| e.to_string())
 }
 
 type Locks = Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
@@ -83,7 +108,13 @@ fn env() -> Env<'static> {
 
 /// Starts a claimed (`scheduled`) workflow execution: marks it running,
 /// starts its conductor and stores the state with the first children.
-pub async fn start(engine: &Engine, exec: &Execution, params: Map<String, Value>) {
+/// `secrets` are the plain values of its secret parameters.
+pub async fn start(
+    engine: &Engine,
+    exec: &Execution,
+    params: Map<String, Value>,
+    secrets: Vec<String>,
+) {
     let id = exec.id.clone();
     let lock = lock_for(&id);
     let _guard = lock.lock().await;
@@ -124,9 +155,10 @@ pub async fn start(engine: &Engine, exec: &Execution, params: Map<String, Value>
         children: BTreeMap::new(),
         applied: BTreeSet::new(),
         finish: None,
+        secrets,
     };
     let children = run_commands(engine, &spec, &id, &mut stored, commands);
-    let value = match serde_json::to_value(&stored) {
+    let value = match seal(engine, &stored) {
         Ok(v) => v,
         Err(e) => {
             tracing::error!(execution = %id, error = %e, "cannot encode workflow state");
@@ -192,7 +224,13 @@ fn run_commands(
                     now + chrono::Duration::seconds(delay.unwrap_or(0).min(86_400 * 365) as i64);
                 let built = match registry.actions.get(&action) {
                     Some(meta) => engine
-                        .build_execution(meta, input, &[], format!("workflow:{wf_id}"), at)
+                        .build_execution(
+                            meta,
+                            input,
+                            &stored.secrets,
+                            format!("workflow:{wf_id}"),
+                            at,
+                        )
                         .map_err(|e| e.to_string()),
                     None => Err(format!(
                         "action '{action}' does not exist; see `aviary action list`"
@@ -323,7 +361,7 @@ pub async fn step(engine: &Engine, wf_id: &str) -> bool {
             return false;
         }
         let (version, mut stored) = match engine.store.load_workflow(wf_id).await {
-            Ok(Some((v, value))) => match serde_json::from_value::<Stored>(value) {
+            Ok(Some((v, value))) => match unseal(engine, value) {
                 Ok(s) => (v, s),
                 Err(e) => {
                     fail_running(
@@ -435,7 +473,7 @@ pub async fn step(engine: &Engine, wf_id: &str) -> bool {
             return false;
         }
         let children = run_commands(engine, &spec, wf_id, &mut stored, commands);
-        let value = match serde_json::to_value(&stored) {
+        let value = match seal(engine, &stored) {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(workflow = wf_id, error = %e, "cannot encode workflow state");
