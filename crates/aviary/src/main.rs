@@ -26,11 +26,86 @@ enum Top {
     /// Work with packs: validate folders offline, list or reload the server's.
     #[command(subcommand)]
     Pack(PackCommand),
+    /// Manage the signed APT repository the server publishes at /apt/.
+    #[command(subcommand)]
+    Apt(AptCommand),
     /// Work with Orquesta workflows offline.
     #[command(subcommand)]
     Workflow(WorkflowCommand),
     #[command(flatten)]
     Client(aviary_cli::Command),
+}
+
+#[derive(clap::Args)]
+struct AptRepoArgs {
+    /// Repository folder; default: <data dir>/apt (what the server serves at /apt/).
+    #[arg(long, global = true)]
+    repo: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum AptCommand {
+    /// Add .deb files to a suite and component, re-sign and publish atomically.
+    Add {
+        /// The .deb files.
+        #[arg(required = true)]
+        debs: Vec<PathBuf>,
+        /// Suite (distribution).
+        #[arg(long, default_value = "stable")]
+        suite: String,
+        /// Component.
+        #[arg(long, default_value = "main")]
+        component: String,
+        #[command(flatten)]
+        repo: AptRepoArgs,
+    },
+    /// List the packages of the repository.
+    List {
+        /// Only this suite.
+        #[arg(long)]
+        suite: Option<String>,
+        #[command(flatten)]
+        repo: AptRepoArgs,
+    },
+    /// Remove a package (all versions, or one) and publish.
+    Remove {
+        /// Package name.
+        package: String,
+        /// Only this version.
+        #[arg(long)]
+        version: Option<String>,
+        /// Suite (distribution).
+        #[arg(long, default_value = "stable")]
+        suite: String,
+        /// Component.
+        #[arg(long, default_value = "main")]
+        component: String,
+        #[command(flatten)]
+        repo: AptRepoArgs,
+    },
+    /// Print the public signing key, for `deb [signed-by=/etc/apt/keyrings/aviary.gpg] ...`.
+    ExportKey {
+        /// ASCII-armored instead of binary (binary is what signed-by files usually hold).
+        #[arg(long)]
+        armor: bool,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        repo: AptRepoArgs,
+    },
+    /// Copy the public part (pool and dists) to a folder, e.g. for nginx.
+    Export {
+        /// Destination folder.
+        dir: PathBuf,
+        #[command(flatten)]
+        repo: AptRepoArgs,
+    },
+    /// Delete pool files no index refers to any more.
+    Gc {
+        #[command(flatten)]
+        repo: AptRepoArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -166,6 +241,7 @@ fn main() -> ExitCode {
                 .await
             }
             Top::Workflow(WorkflowCommand::Rehearse { specs }) => rehearse(&specs),
+            Top::Apt(cmd) => apt(cmd, cli.global.json),
             Top::Client(cmd) => client(cli.global, cmd).await,
         }
     });
@@ -176,6 +252,101 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn open_repo(args: &AptRepoArgs) -> anyhow::Result<aviary_packaging::apt::Repository> {
+    let root = match &args.repo {
+        Some(r) => r.clone(),
+        None => aviary_server::api::apt::repo_dir(
+            &aviary_server::config::default_data_dir()
+                .context("no data directory: set --repo or AVIARY_DATA_DIR")?,
+        ),
+    };
+    aviary_packaging::apt::Repository::open_or_create(&root, Default::default())
+        .with_context(|| format!("APT repository {}", root.display()))
+}
+
+fn apt(cmd: AptCommand, json: bool) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    let print_entries = |entries: &[aviary_packaging::apt::PackageEntry]| {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(entries).unwrap_or_default()
+            );
+        } else {
+            for e in entries {
+                println!(
+                    "{:<30} {:<28} {:<6} {}/{}",
+                    e.name, e.version, e.arch, e.suite, e.component
+                );
+            }
+        }
+    };
+    match cmd {
+        AptCommand::Add {
+            debs,
+            suite,
+            component,
+            repo,
+        } => {
+            let report = open_repo(&repo)?.add(&debs, &suite, &component)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                for e in &report.added {
+                    println!("added     {} {} ({})", e.name, e.version, e.arch);
+                }
+                for e in &report.unchanged {
+                    println!("unchanged {} {} ({})", e.name, e.version, e.arch);
+                }
+                for e in &report.removed {
+                    println!("retired   {} {} ({})", e.name, e.version, e.arch);
+                }
+            }
+        }
+        AptCommand::List { suite, repo } => {
+            print_entries(&open_repo(&repo)?.list(suite.as_deref())?)
+        }
+        AptCommand::Remove {
+            package,
+            version,
+            suite,
+            component,
+            repo,
+        } => {
+            let report =
+                open_repo(&repo)?.remove(&suite, &component, &package, version.as_deref())?;
+            if report.removed.is_empty() {
+                eprintln!("aviary: no package '{package}' in {suite}/{component}");
+                return Ok(ExitCode::from(1));
+            }
+            print_entries(&report.removed);
+        }
+        AptCommand::ExportKey {
+            armor,
+            output,
+            repo,
+        } => {
+            let r = open_repo(&repo)?;
+            let bytes = if armor {
+                r.export_public_key_armored()?.into_bytes()
+            } else {
+                r.export_public_key()?
+            };
+            match output {
+                Some(path) => std::fs::write(&path, bytes)
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+                None => std::io::stdout().write_all(&bytes)?,
+            }
+        }
+        AptCommand::Export { dir, repo } => open_repo(&repo)?.export_to(&dir)?,
+        AptCommand::Gc { repo } => println!("{} pool file(s) removed", open_repo(&repo)?.gc()?),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn rehearse(specs: &[PathBuf]) -> anyhow::Result<ExitCode> {

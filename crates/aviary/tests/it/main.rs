@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod apt;
 mod cli;
 mod durability;
 mod packs;

@@ -96,7 +96,7 @@ impl Default for RepoConfig {
 }
 
 /// One package of an index, as [`Repository::list`] reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct PackageEntry {
     /// Package name.
     pub name: String,
@@ -117,7 +117,7 @@ pub struct PackageEntry {
 }
 
 /// What a publishing operation changed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PublishReport {
     /// Packages newly added to the index.
     pub added: Vec<PackageEntry>,

@@ -1,7 +1,9 @@
 //! The HTTP API under `/api/v1` (see docs/api.md), `/healthz`, and webhooks.
 //! Every route but `/healthz` and signed webhooks requires a token
-//! ([`crate::auth::Caller`] is the extractor that enforces it).
+//! ([`crate::auth::Caller`] is the extractor that enforces it). `/apt/` serves
+//! the APT repository read-only.
 
+pub mod apt;
 mod executions;
 mod resources;
 mod webhooks;
@@ -113,6 +115,7 @@ pub fn router(state: AppState) -> Router {
     let limit = state.engine.config.max_body_bytes;
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/apt/{*path}", get(apt::serve))
         .route("/api/v1/webhooks/{*url}", post(webhooks::receive))
         .route(
             "/api/v1/executions",
