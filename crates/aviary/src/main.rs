@@ -26,6 +26,8 @@ enum Top {
     /// Work with packs: validate folders offline, list or reload the server's.
     #[command(subcommand)]
     Pack(PackCommand),
+    /// Build a .deb from a checked-out repository (what FPM did in the seed).
+    Package(PackageArgs),
     /// Manage the signed APT repository the server publishes at /apt/.
     #[command(subcommand)]
     Apt(AptCommand),
@@ -34,6 +36,24 @@ enum Top {
     Workflow(WorkflowCommand),
     #[command(flatten)]
     Client(aviary_cli::Command),
+}
+
+#[derive(clap::Args)]
+struct PackageArgs {
+    /// The application repository (metadata from fpm.json and .aviary/package.yaml).
+    repo_dir: PathBuf,
+    /// Where to write the .deb.
+    #[arg(long, short, default_value = ".")]
+    out: PathBuf,
+    /// Build number for the iteration (default: SOURCE_DATE_EPOCH or now).
+    #[arg(long)]
+    build_number: Option<String>,
+    /// Commit id; its short form goes into the version.
+    #[arg(long)]
+    commit: Option<String>,
+    /// Compression: gzip or xz, with an optional level (gzip:6, xz:1).
+    #[arg(long, default_value = "gzip:6")]
+    compression: String,
 }
 
 #[derive(clap::Args)]
@@ -242,6 +262,7 @@ fn main() -> ExitCode {
             }
             Top::Workflow(WorkflowCommand::Rehearse { specs }) => rehearse(&specs),
             Top::Apt(cmd) => apt(cmd, cli.global.json),
+            Top::Package(args) => package(args, cli.global.json),
             Top::Client(cmd) => client(cli.global, cmd).await,
         }
     });
@@ -252,6 +273,57 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn package(args: PackageArgs, json: bool) -> anyhow::Result<ExitCode> {
+    use aviary_packaging::deb::{BuildRequest, Compression, build, source_date_epoch_from_env};
+    let (kind, level) = args
+        .compression
+        .split_once(':')
+        .unwrap_or((&args.compression, ""));
+    let level = if level.is_empty() {
+        None
+    } else {
+        Some(
+            level
+                .parse::<u32>()
+                .context("compression level must be a number 0-9")?,
+        )
+    };
+    let compression = match kind {
+        "gzip" | "gz" => Compression::Gzip {
+            level: level.unwrap_or(6),
+        },
+        "xz" => Compression::Xz {
+            level: level.unwrap_or(1),
+        },
+        other => anyhow::bail!(
+            "unknown compression '{other}': use gzip[:LEVEL] or xz[:LEVEL] (lintian refuses zstd)"
+        ),
+    };
+    let mut req = BuildRequest::new(&args.repo_dir, &args.out);
+    req.build_number = args.build_number;
+    req.commit = args.commit;
+    req.source_date_epoch = source_date_epoch_from_env();
+    req.compression = compression;
+    let built = build(&req)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"path": built.path, "name": built.name, "version": built.version,
+                "architecture": built.architecture, "size": built.size, "sha256": built.sha256, "files": built.files})
+        );
+    } else {
+        println!(
+            "{} {} {} ({} files, {} bytes)",
+            built.path.display(),
+            built.name,
+            built.version,
+            built.files,
+            built.size
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn open_repo(args: &AptRepoArgs) -> anyhow::Result<aviary_packaging::apt::Repository> {

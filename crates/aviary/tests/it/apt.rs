@@ -137,3 +137,115 @@ fn publish_serve_and_install_with_signed_by() {
         "{text}"
     );
 }
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn ci_build_then_package_then_publish() {
+    let s = Server::start(Backend::Sqlite, &[]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("seatshare");
+    write(
+        &src.join("fpm.json"),
+        r#"{"name": "seatshare", "version": "1.2.0", "description": "Seat sharing service"}"#,
+    );
+    write(&src.join("app/server.sh"), "#!/bin/sh\necho serving\n");
+    for (script, body) in [
+        ("script/cisetup", "echo setup"),
+        ("script/cibuild", "echo tests pass"),
+        ("script/post-inst", "echo installed"),
+    ] {
+        write(&src.join(script), &format!("#!/bin/sh\n{body}\n"));
+        chmod_x(&src.join(script));
+    }
+    git(&src, &["init", "-q", "-b", "main"]);
+    git(&src, &["add", "."]);
+    git(&src, &["commit", "-qm", "first"]);
+    let commit = git(&src, &["rev-parse", "HEAD"]);
+
+    let ci = s.cli(&[
+        "--json",
+        "run",
+        "core.ci_build",
+        &format!("repo=file://{}", src.display()),
+        "branch=main",
+        &format!("commit={commit}"),
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&ci.stdout).unwrap_or_default();
+    assert_eq!(
+        ci.status.code(),
+        Some(0),
+        "{v} {}",
+        String::from_utf8_lossy(&ci.stderr)
+    );
+    assert_eq!(v["result"]["commit"], commit.as_str());
+    assert_eq!(v["result"]["project"], "seatshare");
+
+    let out_dir = tmp.path().join("out");
+    std::fs::create_dir_all(&out_dir).expect("mkdir");
+    let built = s.cli(&[
+        "--json",
+        "package",
+        src.to_str().expect("path"),
+        "--out",
+        out_dir.to_str().expect("path"),
+        "--build-number",
+        "7",
+        "--commit",
+        &commit,
+    ]);
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let b: serde_json::Value = serde_json::from_slice(&built.stdout).expect("json");
+    let version = b["version"].as_str().expect("version").to_string();
+    assert!(
+        version.starts_with("1.2.0-7.") && version.ends_with(&commit[..7]),
+        "{version}"
+    );
+    let info = Command::new("dpkg-deb")
+        .arg("--info")
+        .arg(b["path"].as_str().expect("path"))
+        .output()
+        .expect("dpkg-deb");
+    assert!(String::from_utf8_lossy(&info.stdout).contains("Package: seatshare"));
+
+    let added = s.cli(&["apt", "add", b["path"].as_str().expect("path")]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let (_, packages) = (
+        0,
+        s.http()
+            .get(s.url("/apt/dists/stable/main/binary-amd64/Packages"))
+            .send()
+            .expect("get")
+            .text()
+            .expect("text"),
+    );
+    assert!(
+        packages.contains("Package: seatshare")
+            && packages.contains(&format!("Version: {version}")),
+        "{packages}"
+    );
+}
