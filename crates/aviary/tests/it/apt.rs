@@ -234,15 +234,13 @@ fn ci_build_then_package_then_publish() {
         "{}",
         String::from_utf8_lossy(&added.stderr)
     );
-    let (_, packages) = (
-        0,
-        s.http()
-            .get(s.url("/apt/dists/stable/main/binary-amd64/Packages"))
-            .send()
-            .expect("get")
-            .text()
-            .expect("text"),
-    );
+    let packages = s
+        .http()
+        .get(s.url("/apt/dists/stable/main/binary-amd64/Packages"))
+        .send()
+        .expect("get")
+        .text()
+        .expect("text");
     assert!(
         packages.contains("Package: seatshare")
             && packages.contains(&format!("Version: {version}")),
