@@ -139,6 +139,16 @@ tasks:
       message: <% ctx(token) %>
 "#,
     );
+    action(&pack, "later", "  {}\n");
+    write(
+        &pack.join("actions/workflows/later.yaml"),
+        r#"version: 1.0
+tasks:
+  wait:
+    delay: 2
+    action: core.noop
+"#,
+    );
     action(&pack, "slow", "  {}\n");
     write(
         &pack.join("actions/workflows/slow.yaml"),
@@ -396,6 +406,66 @@ fn secrets_stay_encrypted_in_state_and_children() {
             );
         }
     }
+}
+
+#[test]
+fn delayed_task_is_not_run_before_its_time() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pack = wf_pack(dir.path());
+    let s = Server::start(Backend::Sqlite, &[&pack]);
+    let id = run(&s, "wf.later", json!({}));
+    let wf = s.wait_execution(&id);
+    assert_eq!(wf["status"], "succeeded", "{wf}\n{}", s.log());
+    let kids = children(&s, &id);
+    assert_eq!(kids.len(), 1);
+    let exec = |v: &Value| -> aviary_core::model::Execution {
+        serde_json::from_value(v.clone()).expect("an execution")
+    };
+    let (kid, wf) = (exec(&kids[0]), exec(&wf));
+    let wf_started = wf.started_at.expect("workflow started");
+    let kid_started = kid.started_at.expect("child started");
+    assert!(
+        (kid.created_at - wf_started).num_milliseconds() >= 2000,
+        "the child is due 2 s after the step: {kids:?}"
+    );
+    assert!(kid_started >= kid.created_at, "not claimed early: {kids:?}");
+}
+
+#[test]
+fn bad_workflows_are_refused_with_locations() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pack = wf_pack(dir.path());
+    write(
+        &pack.join("actions/workflows/seq.yaml"),
+        "version: 1.0\ntasks:\n  one:\n    action: nope.missing\n",
+    );
+    write(
+        &pack.join("actions/workflows/branch.yaml"),
+        "version: 1.0\ntasks:\n  one:\n    action: core.noop\n    next:\n      - do: nowhere\n",
+    );
+    let out = std::process::Command::new(bin())
+        .args(["pack", "validate"])
+        .arg(&pack)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let seq = pack
+        .join("actions/workflows/seq.yaml")
+        .display()
+        .to_string();
+    assert!(
+        err.contains(&format!("{seq}:4:13: tasks.one.action")) && err.contains("nope.missing"),
+        "unknown action located at its task: {err}"
+    );
+    let branch = pack
+        .join("actions/workflows/branch.yaml")
+        .display()
+        .to_string();
+    assert!(
+        err.contains(&format!("{branch}:")) && err.contains("nowhere"),
+        "{err}"
+    );
 }
 
 #[test]
