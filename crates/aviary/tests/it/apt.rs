@@ -247,3 +247,42 @@ fn ci_build_then_package_then_publish() {
         "{packages}"
     );
 }
+
+#[test]
+fn a_ci_build_emits_its_result_as_a_trigger() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pack = tmp.path().join("cicd");
+    write(
+        &pack.join("pack.yaml"),
+        "ref: cicd\nname: cicd\ndescription: ci trigger test\nversion: 0.0.1\n",
+    );
+    write(
+        &pack.join("rules/on_ci.yaml"),
+        "name: on_ci\npack: cicd\ntrigger:\n  type: aviary.ci.build\naction:\n  ref: core.echo\n  parameters:\n    message: \"{{ trigger.project }} {{ trigger.branch }} {{ trigger.status }} {{ trigger.stage }}\"\n",
+    );
+    let s = Server::start(Backend::Sqlite, &[&pack]);
+    let src = tmp.path().join("webapp");
+    for (script, body) in [
+        ("script/cisetup", "exit 0"),
+        ("script/cibuild", "echo broken >&2; exit 1"),
+        ("script/post-inst", "exit 0"),
+    ] {
+        write(&src.join(script), &format!("#!/bin/sh\n{body}\n"));
+        chmod_x(&src.join(script));
+    }
+    git(&src, &["init", "-q", "-b", "main"]);
+    git(&src, &["add", "."]);
+    git(&src, &["commit", "-qm", "first"]);
+    let ci = s.cli(&[
+        "run",
+        "core.ci_build",
+        &format!("repo={}", src.display()),
+        "branch=main",
+    ]);
+    assert_eq!(ci.status.code(), Some(1), "the build fails");
+    let echo = s.wait_for("the rule on aviary.ci.build", || {
+        s.executions("action=core.echo").into_iter().next()
+    });
+    let echo = s.wait_execution(echo["id"].as_str().expect("id"));
+    assert_eq!(echo["result"]["stdout"], "webapp main failed cibuild");
+}

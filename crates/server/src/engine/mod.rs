@@ -36,6 +36,9 @@ use tokio::sync::Notify;
 use crate::config::ServerConfig;
 use crate::packs::Registry;
 
+/// The trigger a finished `ci-build` execution emits.
+pub const CI_BUILD_TRIGGER: &str = "aviary.ci.build";
+
 /// The runner whose `cmd` parameter is shell text.
 const SHELL_CMD_RUNNER: &str = "local-shell-cmd";
 
@@ -418,12 +421,16 @@ impl Engine {
     /// Emits `core.st2.generic.actiontrigger` for an execution that ended, if
     /// any rule listens to it (no cost otherwise).
     pub async fn emit_action_trigger(&self, id: &str) {
-        if !self
-            .registry
-            .load()
-            .by_trigger
-            .contains_key(aviary_core::model::ACTION_TRIGGER)
-        {
+        let (action_listeners, ci_listeners) = {
+            let registry = self.registry.load();
+            (
+                registry
+                    .by_trigger
+                    .contains_key(aviary_core::model::ACTION_TRIGGER),
+                registry.by_trigger.contains_key(CI_BUILD_TRIGGER),
+            )
+        };
+        if !action_listeners && !ci_listeners {
             return;
         }
         let exec = match self.store.get_execution(id).await {
@@ -434,6 +441,12 @@ impl Engine {
                 return;
             }
         };
+        if ci_listeners && exec.runner == "ci-build" {
+            self.emit_ci_build(&exec).await;
+        }
+        if !action_listeners {
+            return;
+        }
         let payload = json!({
             "execution_id": exec.id,
             "status": exec.status,
@@ -455,6 +468,34 @@ impl Engine {
         };
         if let Err(e) = self.ingest(event).await {
             tracing::warn!(execution = id, error = %e, "cannot store the action trigger");
+        }
+    }
+
+    /// Emits `aviary.ci.build` for a finished CI build, as Jenkins' webhook
+    /// did in the seed: project, branch, commit, status, duration, execution.
+    async fn emit_ci_build(&self, exec: &Execution) {
+        let r = &exec.result;
+        let duration_ms = r.get("duration_ms").and_then(Value::as_u64).unwrap_or(0);
+        let payload = json!({
+            "project": r.get("project"),
+            "repo": r.get("repo"),
+            "branch": r.get("branch"),
+            "commit": r.get("commit"),
+            "status": exec.status,
+            "stage": r.get("stage"),
+            "error": r.get("error"),
+            "duration": duration_ms as f64 / 1000.0,
+            "execution_id": exec.id,
+        });
+        let event = Event {
+            trigger: CI_BUILD_TRIGGER.to_string(),
+            payload,
+            dedup_key: Some(format!("ci:{}", exec.id)),
+            webhook_url: None,
+            only_rule: None,
+        };
+        if let Err(e) = self.ingest(event).await {
+            tracing::warn!(execution = %exec.id, error = %e, "cannot store the CI build trigger");
         }
     }
 
