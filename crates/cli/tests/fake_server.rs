@@ -99,8 +99,20 @@ impl Outcome {
 }
 
 async fn cli_with(endpoint: Endpoint, args: &[&str]) -> Outcome {
-    let parsed = Cli::try_parse_from(std::iter::once("aviary").chain(args.iter().copied()))
-        .unwrap_or_else(|e| panic!("{e}"));
+    // `pack` is parsed by the binary (it adds the offline `validate`), which
+    // builds `Command::Pack` itself; do the same here.
+    let parsed = match args {
+        ["pack", sub] => Cli {
+            global: Cli::try_parse_from(["aviary", "audit"]).unwrap().global,
+            cmd: Command::Pack(match *sub {
+                "list" => aviary_cli::PackCmd::List,
+                "reload" => aviary_cli::PackCmd::Reload,
+                other => panic!("unknown pack command {other}"),
+            }),
+        },
+        _ => Cli::try_parse_from(std::iter::once("aviary").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{e}")),
+    };
     let mut out = Vec::new();
     let mut err = Vec::new();
     let mut console = Console {
