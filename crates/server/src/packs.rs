@@ -257,6 +257,31 @@ fn load_workflows(reg: &mut Registry, problems: &mut Vec<Diagnostic>) {
                     if target.contains("<%") || target.contains("{{") {
                         continue;
                     }
+                    // Values must not be spliced into shell text: expressions in a
+                    // shell command's `cmd` are refused (use `env` instead).
+                    if let Some(action) = reg.actions.get(target)
+                        && action.runner_type == "local-shell-cmd"
+                        && task
+                            .input
+                            .get("cmd")
+                            .and_then(|c| c.as_str())
+                            .is_some_and(|c| c.contains("<%") || c.contains("{{"))
+                    {
+                        let (line, column) = locate_task_action(&text, task_name, "cmd");
+                        problems.push(Diagnostic {
+                            file: file.clone(),
+                            line,
+                            column,
+                            field: format!("tasks.{task_name}.input.cmd"),
+                            message: format!(
+                                "task '{task_name}' of workflow '{reference}' puts an expression into the shell text of '{target}'s cmd; its value would be run by the shell"
+                            ),
+                            hint: Some(
+                                "pass values through the environment: `env: {BRANCH: <% ctx(branch) %>}` and `cmd: deploy \"$BRANCH\"`, or use a script action whose parameters arrive as arguments"
+                                    .into(),
+                            ),
+                        });
+                    }
                     if !reg.actions.contains_key(target) {
                         let (line, column) = locate_task_action(&text, task_name, target);
                         problems.push(Diagnostic {

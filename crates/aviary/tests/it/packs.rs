@@ -140,3 +140,34 @@ fn workflow_rehearse_runs_specs_and_shows_differences() {
         "{out}"
     );
 }
+
+#[test]
+fn workflow_expressions_in_shell_text_are_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pack = dir.path().join("wfsh");
+    write(
+        &pack.join("pack.yaml"),
+        "ref: wfsh\nname: wfsh\ndescription: shell safety\nversion: 0.0.1\n",
+    );
+    write(
+        &pack.join("actions/deploy.yaml"),
+        "name: deploy\npack: wfsh\nrunner_type: orquesta\nentry_point: workflows/deploy.yaml\nparameters:\n  branch:\n    type: string\n    required: true\n",
+    );
+    write(
+        &pack.join("actions/workflows/deploy.yaml"),
+        "version: 1.0\ninput:\n  - branch\ntasks:\n  build:\n    action: core.local\n    input:\n      cmd: make deploy BRANCH=<% ctx(branch) %>\n",
+    );
+    let out = std::process::Command::new(bin())
+        .args(["pack", "validate"])
+        .arg(&pack)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("deploy.yaml:8:")
+            && err.contains("tasks.build.input.cmd")
+            && err.contains("env"),
+        "{err}"
+    );
+}

@@ -176,7 +176,7 @@ tasks:
     let mut steps = String::from("version: 1.0\ninput:\n  - file\ntasks:\n");
     for i in 1..=8 {
         steps.push_str(&format!(
-            "  t{i}:\n    action: core.local\n    input:\n      cmd: echo {i} >> <% ctx(file) %>; sleep 0.3\n"
+            "  t{i}:\n    action: core.local\n    input:\n      cmd: echo {i} >> \"$OUT\"; sleep 0.3\n      env:\n        OUT: <% ctx(file) %>\n"
         ));
         if i < 8 {
             steps.push_str(&format!("    next:\n      - do: t{}\n", i + 1));
