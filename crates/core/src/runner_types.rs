@@ -135,6 +135,16 @@ pub fn runner_parameters(runner_type: &str) -> Option<ParamSchema> {
                     ),
                 ),
                 (
+                    "cancel_previous".into(),
+                    with_default(
+                        spec(
+                            ParamType::Boolean,
+                            "Cancel older builds of the same repository and branch.",
+                        ),
+                        json!(true),
+                    ),
+                ),
+                (
                     "timeout".into(),
                     with_default(
                         spec(

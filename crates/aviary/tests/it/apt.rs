@@ -286,3 +286,47 @@ fn a_ci_build_emits_its_result_as_a_trigger() {
     let echo = s.wait_execution(echo["id"].as_str().expect("id"));
     assert_eq!(echo["result"]["stdout"], "webapp main failed cibuild");
 }
+
+#[test]
+fn a_newer_build_of_the_same_branch_cancels_the_older_one() {
+    let s = Server::start(Backend::Sqlite, &[]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("slow");
+    for (script, body) in [
+        ("script/cisetup", "exit 0"),
+        ("script/cibuild", "echo started; sleep 30"),
+        ("script/post-inst", "exit 0"),
+    ] {
+        write(&src.join(script), &format!("#!/bin/sh\n{body}\n"));
+        chmod_x(&src.join(script));
+    }
+    git(&src, &["init", "-q", "-b", "main"]);
+    git(&src, &["add", "."]);
+    git(&src, &["commit", "-qm", "first"]);
+    let repo = src.display().to_string();
+    let start = |branch: &str| {
+        let (st, e) = s.post(
+            "/api/v1/executions",
+            serde_json::json!({"action": "core.ci_build", "parameters": {"repo": repo, "branch": branch}}),
+        );
+        assert_eq!(st, 201, "{e}");
+        e["id"].as_str().expect("id").to_string()
+    };
+    let older = start("main");
+    let other_branch = start("other");
+    s.wait_for("the older build running", || {
+        let (_, e) = s.get(&format!("/api/v1/executions/{older}"));
+        (e["status"] == "running").then_some(())
+    });
+    let newer = start("main");
+    let done = s.wait_execution(&older);
+    assert_eq!(done["status"], "canceled", "{done}");
+    let (_, other) = s.get(&format!("/api/v1/executions/{other_branch}"));
+    assert_ne!(
+        other["status"], "canceled",
+        "another branch is not superseded: {other}"
+    );
+    for id in [newer, other_branch] {
+        assert!(s.cli(&["execution", "cancel", &id]).status.success());
+    }
+}

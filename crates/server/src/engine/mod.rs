@@ -471,6 +471,49 @@ impl Engine {
         }
     }
 
+    /// A newer build of the same repository and branch supersedes older ones:
+    /// they are canceled (queued ones at once, running ones killed).
+    pub async fn cancel_superseded_builds(&self, exec: &Execution, params: &Map<String, Value>) {
+        let key = |p: &Value| {
+            (
+                p.get("repo").and_then(Value::as_str).map(String::from),
+                p.get("branch")
+                    .and_then(Value::as_str)
+                    .map(|b| b.trim_start_matches("refs/heads/").to_string()),
+            )
+        };
+        let mine = key(&Value::Object(params.clone()));
+        if mine.1.is_none() {
+            return;
+        }
+        for status in [
+            ExecutionStatus::Requested,
+            ExecutionStatus::Scheduled,
+            ExecutionStatus::Running,
+        ] {
+            let filter = aviary_store::ExecutionFilter {
+                action: Some(exec.action.clone()),
+                status: Some(status),
+                limit: 1000,
+                ..Default::default()
+            };
+            let Ok(others) = self.store.list_executions(&filter).await else {
+                continue;
+            };
+            for other in others {
+                if other.id != exec.id
+                    && other.created_at < exec.created_at
+                    && key(&other.parameters) == mine
+                {
+                    tracing::info!(superseded = %other.id, by = %exec.id, "canceling a superseded build");
+                    if let Err(e) = self.cancel(&other.id).await {
+                        tracing::warn!(execution = %other.id, error = %e, "cannot cancel a superseded build");
+                    }
+                }
+            }
+        }
+    }
+
     /// Emits `aviary.ci.build` for a finished CI build, as Jenkins' webhook
     /// did in the seed: project, branch, commit, status, duration, execution.
     async fn emit_ci_build(&self, exec: &Execution) {

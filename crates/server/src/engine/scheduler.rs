@@ -162,7 +162,13 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) {
         )
         .await
     {
-        Ok(true) => {}
+        Ok(true) => {
+            if exec.runner == "ci-build"
+                && params.get("cancel_previous").and_then(Value::as_bool) != Some(false)
+            {
+                engine.cancel_superseded_builds(&exec, &params).await;
+            }
+        }
         Ok(false) => return, // canceled meanwhile
         Err(e) => {
             tracing::error!(execution = %id, error = %e, "cannot mark execution running");
