@@ -156,6 +156,23 @@ fn git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// Makes `src` a git repository (branch main, one commit) following the
+/// conventions, with these bodies for script/cisetup, script/cibuild and
+/// script/post-inst; returns the commit.
+fn convention_repo(src: &Path, bodies: [&str; 3]) -> String {
+    for (script, body) in ["script/cisetup", "script/cibuild", "script/post-inst"]
+        .into_iter()
+        .zip(bodies)
+    {
+        write(&src.join(script), &format!("#!/bin/sh\n{body}\n"));
+        chmod_x(&src.join(script));
+    }
+    git(src, &["init", "-q", "-b", "main"]);
+    git(src, &["add", "."]);
+    git(src, &["commit", "-qm", "first"]);
+    git(src, &["rev-parse", "HEAD"])
+}
+
 #[test]
 fn ci_build_then_package_then_publish() {
     let s = Server::start(Backend::Sqlite, &[]);
@@ -166,18 +183,7 @@ fn ci_build_then_package_then_publish() {
         r#"{"name": "seatshare", "version": "1.2.0", "description": "Seat sharing service"}"#,
     );
     write(&src.join("app/server.sh"), "#!/bin/sh\necho serving\n");
-    for (script, body) in [
-        ("script/cisetup", "echo setup"),
-        ("script/cibuild", "echo tests pass"),
-        ("script/post-inst", "echo installed"),
-    ] {
-        write(&src.join(script), &format!("#!/bin/sh\n{body}\n"));
-        chmod_x(&src.join(script));
-    }
-    git(&src, &["init", "-q", "-b", "main"]);
-    git(&src, &["add", "."]);
-    git(&src, &["commit", "-qm", "first"]);
-    let commit = git(&src, &["rev-parse", "HEAD"]);
+    let commit = convention_repo(&src, ["echo setup", "echo tests pass", "echo installed"]);
 
     let ci = s.cli(&[
         "--json",
@@ -262,17 +268,7 @@ fn a_ci_build_emits_its_result_as_a_trigger() {
     );
     let s = Server::start(Backend::Sqlite, &[&pack]);
     let src = tmp.path().join("webapp");
-    for (script, body) in [
-        ("script/cisetup", "exit 0"),
-        ("script/cibuild", "echo broken >&2; exit 1"),
-        ("script/post-inst", "exit 0"),
-    ] {
-        write(&src.join(script), &format!("#!/bin/sh\n{body}\n"));
-        chmod_x(&src.join(script));
-    }
-    git(&src, &["init", "-q", "-b", "main"]);
-    git(&src, &["add", "."]);
-    git(&src, &["commit", "-qm", "first"]);
+    convention_repo(&src, ["exit 0", "echo broken >&2; exit 1", "exit 0"]);
     let ci = s.cli(&[
         "run",
         "core.ci_build",
@@ -292,17 +288,7 @@ fn a_newer_build_of_the_same_branch_cancels_the_older_one() {
     let s = Server::start(Backend::Sqlite, &[]);
     let tmp = tempfile::tempdir().expect("tmp");
     let src = tmp.path().join("slow");
-    for (script, body) in [
-        ("script/cisetup", "exit 0"),
-        ("script/cibuild", "echo started; sleep 30"),
-        ("script/post-inst", "exit 0"),
-    ] {
-        write(&src.join(script), &format!("#!/bin/sh\n{body}\n"));
-        chmod_x(&src.join(script));
-    }
-    git(&src, &["init", "-q", "-b", "main"]);
-    git(&src, &["add", "."]);
-    git(&src, &["commit", "-qm", "first"]);
+    convention_repo(&src, ["exit 0", "echo started; sleep 30", "exit 0"]);
     let repo = src.display().to_string();
     let start = |branch: &str| {
         let (st, e) = s.post(

@@ -418,9 +418,10 @@ impl Engine {
         })
     }
 
-    /// Emits `core.st2.generic.actiontrigger` for an execution that ended, if
-    /// any rule listens to it (no cost otherwise).
-    pub async fn emit_action_trigger(&self, id: &str) {
+    /// Emits the triggers of an execution that ended, each only if a rule
+    /// listens to it (no cost otherwise): `core.st2.generic.actiontrigger`
+    /// for every execution, `aviary.ci.build` for CI builds.
+    pub async fn emit_execution_triggers(&self, id: &str) {
         let (action_listeners, ci_listeners) = {
             let registry = self.registry.load();
             (

@@ -191,7 +191,7 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) {
             result,
         )
         .await;
-        engine.emit_action_trigger(&id).await;
+        engine.emit_execution_triggers(&id).await;
         return;
     }
 
@@ -292,7 +292,7 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) {
         running.remove(&id);
     }
     engine.output.close(&id);
-    engine.emit_action_trigger(&id).await;
+    engine.emit_execution_triggers(&id).await;
 }
 
 /// `core.inject_trigger`: stores an event for rules to match.

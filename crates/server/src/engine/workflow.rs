@@ -539,7 +539,7 @@ async fn complete(engine: &Engine, wf_id: &str, status: ExecutionStatus, result:
     };
     if changed {
         forget_lock(wf_id);
-        engine.emit_action_trigger(wf_id).await;
+        engine.emit_execution_triggers(wf_id).await;
     }
     changed
 }
