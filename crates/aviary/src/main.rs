@@ -2,6 +2,8 @@
 //! validate` checks packs offline, every other command is an API client
 //! (see the aviary-cli crate). This file only parses arguments and dispatches.
 
+mod git_hook;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -34,6 +36,9 @@ enum Top {
     /// Work with Orquesta workflows offline.
     #[command(subcommand)]
     Workflow(WorkflowCommand),
+    /// A git post-receive hook that sends pushes to Aviary like GitHub's webhook.
+    #[command(subcommand)]
+    GitHook(git_hook::GitHookCommand),
     #[command(flatten)]
     Client(aviary_cli::Command),
 }
@@ -261,6 +266,7 @@ fn main() -> ExitCode {
                 .await
             }
             Top::Workflow(WorkflowCommand::Rehearse { specs }) => rehearse(&specs),
+            Top::GitHook(cmd) => git_hook::run(cmd).await,
             Top::Apt(cmd) => apt(cmd, cli.global.json),
             Top::Package(args) => package(args, cli.global.json),
             Top::Client(cmd) => client(cli.global, cmd).await,

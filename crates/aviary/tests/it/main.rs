@@ -7,6 +7,7 @@ mod harness;
 mod apt;
 mod cli;
 mod durability;
+mod githook;
 mod packs;
 mod webhooks;
 mod workflows;
