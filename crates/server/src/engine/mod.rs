@@ -235,8 +235,14 @@ impl Engine {
             .actions
             .get(&rule.action.reference)
             .ok_or_else(|| format!("action '{}' does not exist", rule.action.reference))?;
+        let mut ctx = ctx.clone();
+        ctx["config_context"] = registry
+            .configs
+            .get(&rule.pack)
+            .cloned()
+            .unwrap_or_else(|| json!({}));
         let (ctx, kv_secrets) = self
-            .with_datastore(ctx, &rule.action.parameters)
+            .with_datastore(&ctx, &rule.action.parameters)
             .await
             .map_err(|e| format!("datastore: {e}"))?;
         let rendered = self
