@@ -97,7 +97,7 @@ fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-fn install(
+pub fn install(
     repo: &Path,
     target: &HookTarget,
     name: Option<String>,

@@ -2,6 +2,7 @@
 //! validate` checks packs offline, every other command is an API client
 //! (see the aviary-cli crate). This file only parses arguments and dispatches.
 
+mod demo;
 mod git_hook;
 
 use std::path::PathBuf;
@@ -39,6 +40,8 @@ enum Top {
     /// A git post-receive hook that sends pushes to Aviary like GitHub's webhook.
     #[command(subcommand)]
     GitHook(git_hook::GitHookCommand),
+    /// The pipeline on this machine in one command: server, hosts, a sample app, a push.
+    Demo(demo::DemoArgs),
     #[command(flatten)]
     Client(aviary_cli::Command),
 }
@@ -267,6 +270,7 @@ fn main() -> ExitCode {
             }
             Top::Workflow(WorkflowCommand::Rehearse { specs }) => rehearse(&specs),
             Top::GitHook(cmd) => git_hook::run(cmd).await,
+            Top::Demo(args) => demo::run(args).await,
             Top::Apt(cmd) => apt(cmd, cli.global.json),
             Top::Package(args) => package(args, cli.global.json),
             Top::Client(cmd) => client(cli.global, cmd).await,

@@ -1,0 +1,209 @@
+//! The demo's supervisor: owns the server, the local hosts with their agents
+//! and haproxy; writes `ready.json`; stops everything on SIGTERM/SIGINT.
+
+use std::path::Path;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use aviary_testhosts::{HostProcess, TestHost, TestNet};
+use serde_json::json;
+
+use super::{APP, DemoArgs, Ready};
+
+/// Port the sample application listens on inside every host.
+pub const APP_PORT: u16 = 8080;
+
+struct Running {
+    server: Option<Child>,
+    haproxy: Option<Child>,
+    agents: Vec<HostProcess>,
+    hosts: Vec<TestHost>,
+    net: Option<TestNet>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut h) = self.haproxy.take() {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
+        for a in &mut self.agents {
+            a.kill();
+        }
+        self.agents.clear();
+        self.hosts.clear();
+        self.net = None;
+        if let Some(mut s) = self.server.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(s.id().to_string())
+                .status();
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = s.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+}
+
+pub async fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.dir.canonicalize().context("the demo folder")?;
+    std::fs::write(super::pid_file(&dir), std::process::id().to_string())?;
+    let mut running = Running {
+        server: None,
+        haproxy: None,
+        agents: Vec::new(),
+        hosts: Vec::new(),
+        net: None,
+    };
+    let result = start(&dir, args, &mut running).await;
+    if let Err(e) = result {
+        eprintln!("aviary demo: {e:#}");
+        drop(running);
+        return Ok(ExitCode::from(1));
+    }
+    eprintln!("aviary demo: ready; waiting for SIGTERM (aviary demo --down)");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    eprintln!("aviary demo: stopping");
+    drop(running);
+    let _ = std::fs::remove_file(super::pid_file(&dir));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn start(dir: &Path, args: &DemoArgs, running: &mut Running) -> anyhow::Result<()> {
+    let net = TestNet::new("demo").context("creating the demo's host network (needs root)")?;
+    let gateway = net.gateway();
+    let exe = std::env::current_exe()?;
+
+    // The server: reachable from this machine and from the hosts.
+    let log = std::fs::File::create(dir.join("server.log"))?;
+    let data = dir.join("data");
+    let server = Command::new(&exe)
+        .arg("server")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--listen")
+        .arg(format!("0.0.0.0:{}", args.port))
+        .arg("--packs")
+        .arg(dir.join("packs"))
+        .env("AVIARY_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the server")?;
+    running.server = Some(server);
+    let local_url = format!("http://127.0.0.1:{}", args.port);
+    let host_url = format!("http://{gateway}:{}", args.port);
+    wait_http(&format!("{local_url}/healthz"), Duration::from_secs(30))
+        .await
+        .context("the server did not start; see server.log")?;
+    let token = std::fs::read_to_string(data.join("admin.token"))
+        .context("reading the admin token")?
+        .trim()
+        .to_string();
+    let client = reqwest::Client::new();
+
+    let mut hosts_json = Vec::new();
+    let mut names = vec![("canary1".to_string(), format!("{APP}::app_canary"))];
+    for i in 1..=args.production_hosts {
+        names.push((format!("web{i}"), format!("{APP}::app")));
+    }
+    for (name, tag) in names {
+        let host = net
+            .host(&name)
+            .with_context(|| format!("creating host {name}"))?;
+        let host_token = create_host_token(&client, &local_url, &token, &name, &host, &tag).await?;
+        let mut cmd = host.command(&exe);
+        cmd.arg("agent")
+            .arg("--server")
+            .arg(&host_url)
+            .arg("--token")
+            .arg(&host_token)
+            .arg("--name")
+            .arg(&name)
+            .arg("--address")
+            .arg(host.ip().to_string())
+            .arg("--tag")
+            .arg(&tag)
+            .arg("--health-url")
+            .arg(format!("http://127.0.0.1:{APP_PORT}/health"))
+            .env("AVIARY_LOG", "info");
+        let agent = host
+            .spawn(&mut cmd)
+            .with_context(|| format!("starting the agent on {name}"))?;
+        hosts_json.push(json!({"name": name, "address": host.ip().to_string(), "tags": [tag]}));
+        running.agents.push(agent);
+        running.hosts.push(host);
+    }
+
+    let haproxy = start_haproxy(dir, &running.hosts).ok();
+    let front = haproxy.as_ref().map(|(_, f)| f.clone());
+    running.haproxy = haproxy.map(|(c, _)| c);
+    running.net = Some(net);
+
+    let ready = Ready {
+        url: local_url,
+        token,
+        hosts: hosts_json,
+        haproxy: front,
+    };
+    let tmp = dir.join("ready.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&ready)?)?;
+    std::fs::rename(&tmp, dir.join("ready.json"))?;
+    Ok(())
+}
+
+async fn wait_http(url: &str, timeout: Duration) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        if let Ok(r) = reqwest::get(url).await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("{url} did not answer within {timeout:?}")
+}
+
+async fn create_host_token(
+    client: &reqwest::Client,
+    url: &str,
+    admin: &str,
+    name: &str,
+    host: &TestHost,
+    tag: &str,
+) -> anyhow::Result<String> {
+    let r = client
+        .post(format!("{url}/api/v1/hosts"))
+        .bearer_auth(admin)
+        .json(
+            &json!({"name": name, "address": host.ip().to_string(), "tags": [tag], "token": true}),
+        )
+        .send()
+        .await?;
+    let status = r.status();
+    let v: serde_json::Value = r.json().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!("registering host {name}: {status}: {v}");
+    }
+    v["token"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("registering host {name}: no token in {v}"))
+}
+
+fn start_haproxy(_dir: &Path, _hosts: &[TestHost]) -> anyhow::Result<(Child, String)> {
+    bail!("haproxy is not wired yet")
+}
