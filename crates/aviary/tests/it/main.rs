@@ -5,8 +5,10 @@
 mod harness;
 
 mod apt;
+mod ci;
 mod cli;
 mod durability;
+mod jenkins;
 mod packs;
 mod webhooks;
 mod workflows;
