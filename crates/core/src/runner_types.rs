@@ -72,10 +72,7 @@ fn deb_params() -> Vec<(String, ParamSpec)> {
                 "Build number of the iteration (`<version>-<build number>.<short commit>`); default: the metadata's iteration, else the time.",
             ),
         ),
-        (
-            "compression".into(),
-            compression,
-        ),
+        ("compression".into(), compression),
         (
             "level".into(),
             spec(
@@ -98,7 +95,10 @@ fn publish_params() -> Vec<(String, ParamSpec)> {
     vec![
         (
             "suite".into(),
-            with_default(spec(ParamType::String, "Suite to publish into."), json!("stable")),
+            with_default(
+                spec(ParamType::String, "Suite to publish into."),
+                json!("stable"),
+            ),
         ),
         (
             "component".into(),
@@ -128,17 +128,11 @@ fn checkout_params() -> Vec<(String, ParamSpec)> {
         ),
         (
             "branch".into(),
-            spec(
-                ParamType::String,
-                "Branch (refs/heads/ is optional).",
-            ),
+            spec(ParamType::String, "Branch (refs/heads/ is optional)."),
         ),
         (
             "commit".into(),
-            spec(
-                ParamType::String,
-                "Commit; default: the branch's head.",
-            ),
+            spec(ParamType::String, "Commit; default: the branch's head."),
         ),
         (
             "project".into(),
@@ -307,7 +301,10 @@ pub fn runner_parameters(runner_type: &str) -> Option<ParamSchema> {
             v.extend(deb_params());
             v.push((
                 "timeout".into(),
-                with_default(spec(ParamType::Integer, "Seconds before the build is stopped."), json!(600)),
+                with_default(
+                    spec(ParamType::Integer, "Seconds before the build is stopped."),
+                    json!(600),
+                ),
             ));
             v
         }
@@ -321,7 +318,13 @@ pub fn runner_parameters(runner_type: &str) -> Option<ParamSchema> {
             v.extend(publish_params());
             v.push((
                 "timeout".into(),
-                with_default(spec(ParamType::Integer, "Seconds before the publication is abandoned."), json!(600)),
+                with_default(
+                    spec(
+                        ParamType::Integer,
+                        "Seconds before the publication is abandoned.",
+                    ),
+                    json!(600),
+                ),
             ));
             v
         }
@@ -341,7 +344,13 @@ pub fn runner_parameters(runner_type: &str) -> Option<ParamSchema> {
             ));
             v.push((
                 "timeout".into(),
-                with_default(spec(ParamType::Integer, "Seconds before the whole step is stopped."), json!(1800)),
+                with_default(
+                    spec(
+                        ParamType::Integer,
+                        "Seconds before the whole step is stopped.",
+                    ),
+                    json!(1800),
+                ),
             ));
             v
         }

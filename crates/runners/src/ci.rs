@@ -236,9 +236,8 @@ pub async fn checkout(
     cancel: CancellationToken,
 ) -> Result<Checkout, RunOutcome> {
     let masker = Masker::new(&req.secrets);
-    let t = target(req).map_err(|e| {
-        RunOutcome::error(ExecutionStatus::Failed, masker.mask_str(&e.to_string()))
-    })?;
+    let t = target(req)
+        .map_err(|e| RunOutcome::error(ExecutionStatus::Failed, masker.mask_str(&e.to_string())))?;
     std::fs::create_dir_all(workspace).map_err(|e| {
         RunOutcome::error(
             ExecutionStatus::Failed,
@@ -274,7 +273,8 @@ pub async fn checkout(
         Err((status, stage, message, _)) => {
             let mut o = RunOutcome::error(
                 status,
-                masker.mask_str(&message.unwrap_or_else(|| format!("checkout {}", status.as_str()))),
+                masker
+                    .mask_str(&message.unwrap_or_else(|| format!("checkout {}", status.as_str()))),
             );
             o.result["stage"] = json!(stage);
             o.result["steps"] = Value::Array(step.steps);

@@ -92,7 +92,13 @@ pub(crate) async fn run(
     let params = match req.parameters.get("parameters") {
         None | Some(Value::Null) => serde_json::Map::new(),
         Some(Value::Object(m)) => m.clone(),
-        Some(_) => return Err(invalid(req, "parameters", "must be an object (name: value)")),
+        Some(_) => {
+            return Err(invalid(
+                req,
+                "parameters",
+                "must be an object (name: value)",
+            ));
+        }
     };
     let user = text(req, "username");
     let token = text(req, "api_token");
@@ -137,9 +143,8 @@ pub(crate) async fn run(
                 let field = body.get("crumbRequestField").and_then(Value::as_str);
                 let value = body.get("crumb").and_then(Value::as_str);
                 if let (Some(f), Some(v)) = (field, value) {
-                    let name = HeaderName::from_bytes(f.as_bytes()).map_err(|_| {
-                        format!("Jenkins' crumb field '{f}' is not a header name")
-                    })?;
+                    let name = HeaderName::from_bytes(f.as_bytes())
+                        .map_err(|_| format!("Jenkins' crumb field '{f}' is not a header name"))?;
                     let value = HeaderValue::from_str(v)
                         .map_err(|_| "Jenkins' crumb is not a header value".to_string())?;
                     crumb = Some((name, value));
@@ -221,7 +226,9 @@ pub(crate) async fn run(
                     .await
                     .map_err(|e| format!("the queue item {item} is not JSON: {e}"))?;
                 if body.get("cancelled").and_then(Value::as_bool) == Some(true) {
-                    return Err(format!("the queued build of {job} was cancelled in Jenkins"));
+                    return Err(format!(
+                        "the queued build of {job} was cancelled in Jenkins"
+                    ));
                 }
                 if let Some(exe) = body.get("executable").filter(|e| e.is_object()) {
                     result["build_number"] = exe.get("number").cloned().unwrap_or(Value::Null);
@@ -231,7 +238,9 @@ pub(crate) async fn run(
                 if Instant::now() + pause > deadline {
                     return Err(format!(
                         "Jenkins did not start the build of {job} in time (still queued: {})",
-                        body.get("why").and_then(Value::as_str).unwrap_or("no reason given")
+                        body.get("why")
+                            .and_then(Value::as_str)
+                            .unwrap_or("no reason given")
                     ));
                 }
                 tokio::time::sleep(pause).await;

@@ -52,10 +52,17 @@ fn ci_package_then_apt_get(backend: Backend) {
     assert_eq!(version, format!("1.2.0-7.{}", &commit[..7]), "{r}");
     assert_eq!(r["name"], "seatshare");
     assert_eq!(r["commit"], commit.as_str());
-    assert_eq!(r["published"]["added"][0]["version"], version.as_str(), "{r}");
+    assert_eq!(
+        r["published"]["added"][0]["version"],
+        version.as_str(),
+        "{r}"
+    );
     assert_eq!(r["package"]["sha256"].as_str().map(str::len), Some(64));
     // The workspace is gone.
-    let work = s.data_dir().join("work").join(exec["id"].as_str().expect("id"));
+    let work = s
+        .data_dir()
+        .join("work")
+        .join(exec["id"].as_str().expect("id"));
     assert!(!work.exists(), "{} is left behind", work.display());
 
     // Reproducible: the same commit builds the same bytes (the pool keeps
@@ -123,7 +130,10 @@ fn ci_package_failures_say_where_and_clean_up() {
             .is_some_and(|e| e.contains("Bad_Name")),
         "{exec}"
     );
-    let work = s.data_dir().join("work").join(exec["id"].as_str().expect("id"));
+    let work = s
+        .data_dir()
+        .join("work")
+        .join(exec["id"].as_str().expect("id"));
     assert!(!work.exists());
     // A branch that is not there.
     let exec = run(
@@ -189,7 +199,11 @@ fn deb_build_and_concurrent_apt_publish_actions() {
     for id in &ids {
         let e = s.wait_execution(id);
         assert_eq!(e["status"], "succeeded", "{e}");
-        assert_eq!(e["result"]["added"].as_array().map(Vec::len), Some(1), "{e}");
+        assert_eq!(
+            e["result"]["added"].as_array().map(Vec::len),
+            Some(1),
+            "{e}"
+        );
     }
     let packages = s
         .http()
@@ -268,7 +282,11 @@ fn ci_builds_beyond_the_limit_wait_in_the_queue() {
         let (_, e) = s.get(&format!("/api/v1/executions/{first}"));
         (e["status"] == "running").then_some(())
     });
-    let second = start(&s, "core.ci_build", json!({"repo": repo, "branch": "other"}));
+    let second = start(
+        &s,
+        "core.ci_build",
+        json!({"repo": repo, "branch": "other"}),
+    );
     // While the first holds the only slot, the second waits (not running, not failed).
     for _ in 0..20 {
         let (_, e) = s.get(&format!("/api/v1/executions/{second}"));
@@ -301,11 +319,7 @@ fn output_len(s: &Server, id: &str) -> usize {
 fn build_logs_are_purged(backend: Backend) {
     let tmp = tempfile::tempdir().expect("tmp");
     let config = tmp.path().join("aviary.yaml");
-    std::fs::write(
-        &config,
-        "ci:\n  keep_builds: 1\n  purge_interval_secs: 1\n",
-    )
-    .expect("config");
+    std::fs::write(&config, "ci:\n  keep_builds: 1\n  purge_interval_secs: 1\n").expect("config");
     let s = Server::start_with(backend, &[], &["--config", config.to_str().expect("path")]);
     let src = tmp.path().join("app");
     convention_repo(&src, ["echo setup", "echo build log line", "exit 0"]);
@@ -324,7 +338,10 @@ fn build_logs_are_purged(backend: Backend) {
     s.wait_for("the older build's log purged", || {
         (output_len(&s, &ids[0]) == 0).then_some(())
     });
-    assert!(output_len(&s, &ids[1]) > 0, "the newest of main keeps its log");
+    assert!(
+        output_len(&s, &ids[1]) > 0,
+        "the newest of main keeps its log"
+    );
     assert!(output_len(&s, &ids[2]) > 0, "another branch keeps its log");
     let (_, old) = s.get(&format!("/api/v1/executions/{}", ids[0]));
     assert_eq!(old["status"], "succeeded", "the execution itself stays");

@@ -203,21 +203,28 @@ fn jenkins_build_starts_a_job_with_crumb_auth_and_parameters() {
     assert_eq!(params.get("BRANCH").map(String::as_str), Some("main"));
     assert_eq!(params.get("COMMIT").map(String::as_str), Some("c6d86dc6"));
     assert_eq!(params.get("NOTE").map(String::as_str), Some("a&b=c d"));
-    assert_eq!(log[0].path, "/crumbIssuer/api/json", "the crumb comes first");
+    assert_eq!(
+        log[0].path, "/crumbIssuer/api/json",
+        "the crumb comes first"
+    );
     assert!(!exec.to_string().contains(token), "token leaked: {exec}");
     assert_eq!(exec["parameters"]["api_token"], "********");
 }
 
 #[test]
 fn jenkins_build_without_crumbs_and_with_a_bad_token() {
-    let (base, seen) = fake_jenkins(|r, _| {
-        match (r.method.as_str(), r.path.as_str()) {
-            ("GET", "/crumbIssuer/api/json") => (404, vec![], "{}".into()),
-            ("POST", "/job/nightly/build") if r.headers.get("authorization") == Some(&basic("u", "good")) => {
-                (201, vec![("Location".into(), "http://x/queue/item/1/".into())], String::new())
-            }
-            _ => (401, vec![], "Invalid password/token for user: u".into()),
+    let (base, seen) = fake_jenkins(|r, _| match (r.method.as_str(), r.path.as_str()) {
+        ("GET", "/crumbIssuer/api/json") => (404, vec![], "{}".into()),
+        ("POST", "/job/nightly/build")
+            if r.headers.get("authorization") == Some(&basic("u", "good")) =>
+        {
+            (
+                201,
+                vec![("Location".into(), "http://x/queue/item/1/".into())],
+                String::new(),
+            )
         }
+        _ => (401, vec![], "Invalid password/token for user: u".into()),
     });
     let s = Server::start(Backend::Sqlite, &[]);
     let run = |token: &str| {
@@ -326,11 +333,27 @@ fn jenkins_notifications(backend: Backend) {
     let (st, _) = send(&fin, &notification("FINALIZED", Some("ABORTED"), 19));
     assert_eq!(st, 202);
     // A per-URL secret from the datastore instead of a token.
-    let set = s.cli(&["key", "set", "jenkins_webhook_secret", "hunter2", "--encrypt"]);
-    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
-    let (st, _) = send("?secret=wrong", &notification("COMPLETED", Some("FAILURE"), 20));
+    let set = s.cli(&[
+        "key",
+        "set",
+        "jenkins_webhook_secret",
+        "hunter2",
+        "--encrypt",
+    ]);
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let (st, _) = send(
+        "?secret=wrong",
+        &notification("COMPLETED", Some("FAILURE"), 20),
+    );
     assert_eq!(st, 401);
-    let (st, _) = send("?secret=hunter2", &notification("COMPLETED", Some("FAILURE"), 20));
+    let (st, _) = send(
+        "?secret=hunter2",
+        &notification("COMPLETED", Some("FAILURE"), 20),
+    );
     assert_eq!(st, 202);
     // A payload that is not the plugin's: every problem listed.
     let (st, v) = send(&with_token, &json!({"build": {"status": "SUCCESS"}}));
@@ -346,8 +369,18 @@ fn jenkins_notifications(backend: Backend) {
         (done.len() >= 3).then_some(done)
     });
     assert_eq!(messages.len(), 3, "{messages:?}");
-    assert!(messages.iter().any(|m| m.contains("canceled") && m.ends_with(" 19")), "{messages:?}");
-    assert!(messages.iter().any(|m| m.contains("failed") && m.ends_with(" 20")), "{messages:?}");
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("canceled") && m.ends_with(" 19")),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("failed") && m.ends_with(" 20")),
+        "{messages:?}"
+    );
 }
 
 #[test]

@@ -101,7 +101,7 @@ fn branch_name(b: &str) -> String {
     let b = b.trim_start_matches("refs/heads/");
     let b = b.strip_prefix("refs/remotes/").unwrap_or(b);
     match b.split_once('/') {
-        Some((remote, rest)) if remote == "origin" => rest.to_string(),
+        Some(("origin", rest)) => rest.to_string(),
         _ => b.to_string(),
     }
 }

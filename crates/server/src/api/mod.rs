@@ -5,8 +5,8 @@
 
 pub mod apt;
 mod executions;
-mod resources;
 mod jenkins;
+mod resources;
 mod webhooks;
 
 use std::sync::Arc;

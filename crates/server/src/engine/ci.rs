@@ -57,7 +57,10 @@ impl CiState {
     /// State for this configuration.
     pub fn new(config: &ServerConfig) -> Self {
         Self {
-            slots: config.ci.max_concurrent.map(|n| Arc::new(Semaphore::new(n))),
+            slots: config
+                .ci
+                .max_concurrent
+                .map(|n| Arc::new(Semaphore::new(n))),
             repo: Mutex::new(None),
         }
     }
@@ -224,7 +227,9 @@ pub async fn run(
             DEB_BUILD => deb_build(&req, &output, &cancel).await,
             APT_PUBLISH => apt_publish(engine, &req, &output, &cancel).await,
             CI_PACKAGE => ci_package(engine, &req, &output, &cancel).await,
-            other => Err(failed(format!("runner '{other}' does not run in the server"))),
+            other => Err(failed(format!(
+                "runner '{other}' does not run in the server"
+            ))),
         }
     };
     match tokio::time::timeout(timeout, work).await {
@@ -237,7 +242,11 @@ pub async fn run(
             cancel.cancel();
             RunOutcome::error(
                 ExecutionStatus::Timeout,
-                format!("{} ran out of time ({}s)", req.action_ref, timeout.as_secs()),
+                format!(
+                    "{} ran out of time ({}s)",
+                    req.action_ref,
+                    timeout.as_secs()
+                ),
             )
         }
     }
@@ -258,7 +267,10 @@ async fn deb_build(
         .get("source_date_epoch")
         .and_then(Value::as_i64);
     build.compression = compression(req)?;
-    say(output, format!("[aviary] building a .deb from {}\n", path.display()));
+    say(
+        output,
+        format!("[aviary] building a .deb from {}\n", path.display()),
+    );
     let built = blocking(cancel, move || aviary_packaging::deb::build(&build), || {})
         .await?
         .map_err(|e| failed(e.to_string()))?;
@@ -311,7 +323,10 @@ async fn publish(
         ("removed", &report.removed),
     ] {
         for e in list {
-            say(output, format!("[aviary] {what} {} {}\n", e.name, e.version));
+            say(
+                output,
+                format!("[aviary] {what} {} {}\n", e.name, e.version),
+            );
         }
     }
     Ok(json!({
@@ -461,9 +476,7 @@ async fn package_in(
             })?;
         result["published"] = published;
     }
-    result["package"]
-        .as_object_mut()
-        .map(|p| p.remove("path"));
+    result["package"].as_object_mut().map(|p| p.remove("path"));
     Ok(result)
 }
 

@@ -92,7 +92,9 @@ pub async fn run_scheduler(engine: Arc<Engine>, shutdown: CancellationToken) {
                     if new.execution.parameters.get("cancel_previous") != Some(&Value::Bool(false))
                         && let Some(params) = new.execution.parameters.as_object()
                     {
-                        engine.cancel_superseded_builds(&new.execution, params).await;
+                        engine
+                            .cancel_superseded_builds(&new.execution, params)
+                            .await;
                     }
                     let Ok(slot) = slots.acquire_owned().await else {
                         return;
