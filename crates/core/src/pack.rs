@@ -391,6 +391,22 @@ const CORE_FILES: &[(&str, &str)] = &[
         include_str!("builtin/actions/ci_build.yaml"),
     ),
     (
+        "actions/deb_build.yaml",
+        include_str!("builtin/actions/deb_build.yaml"),
+    ),
+    (
+        "actions/apt_publish.yaml",
+        include_str!("builtin/actions/apt_publish.yaml"),
+    ),
+    (
+        "actions/ci_package.yaml",
+        include_str!("builtin/actions/ci_package.yaml"),
+    ),
+    (
+        "actions/jenkins_build.yaml",
+        include_str!("builtin/actions/jenkins_build.yaml"),
+    ),
+    (
         "actions/inject_trigger.yaml",
         include_str!("builtin/actions/inject_trigger.yaml"),
     ),
@@ -442,10 +458,14 @@ mod tests {
         assert_eq!(
             refs,
             vec![
+                "core.apt_publish",
                 "core.ci_build",
+                "core.ci_package",
+                "core.deb_build",
                 "core.echo",
                 "core.http",
                 "core.inject_trigger",
+                "core.jenkins_build",
                 "core.local",
                 "core.noop"
             ]

@@ -1,5 +1,6 @@
-//! Aviary's action runners: `noop`, `local-shell-cmd`, `local-shell-script`
-//! and `http-request`.
+//! Aviary's action runners: `noop`, `local-shell-cmd`, `local-shell-script`,
+//! `http-request`, `ci-build` and `jenkins-build`; [`checkout`] is the
+//! `ci-build` checkout for steps the server runs itself (`ci-package`).
 //!
 //! [`run`] executes one action to completion and returns a [`RunOutcome`]
 //! whose `result` has StackStorm's shape for the runner. Output of the shell
@@ -11,8 +12,11 @@
 
 mod ci;
 mod http;
+mod jenkins;
 mod mask;
 mod shell;
+
+pub use ci::{Checkout, checkout};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,14 +36,17 @@ pub const LOCAL_SHELL_SCRIPT: &str = "local-shell-script";
 pub const HTTP_REQUEST: &str = "http-request";
 /// Runner type: check out a repository and run its CI scripts.
 pub const CI_BUILD: &str = "ci-build";
+/// Runner type: start a Jenkins job over its REST API.
+pub const JENKINS_BUILD: &str = "jenkins-build";
 
 /// Every runner type this crate can run.
-pub const KNOWN_RUNNERS: [&str; 5] = [
+pub const KNOWN_RUNNERS: [&str; 6] = [
     NOOP,
     LOCAL_SHELL_CMD,
     LOCAL_SHELL_SCRIPT,
     HTTP_REQUEST,
     CI_BUILD,
+    JENKINS_BUILD,
 ];
 
 /// Maximum stored size of stdout, stderr and an HTTP response body (1 MiB).
@@ -102,8 +109,8 @@ pub struct RunOutcome {
 }
 
 impl RunOutcome {
-    /// A `Failed` outcome whose result is `{"error": message}`.
-    pub(crate) fn error(status: ExecutionStatus, message: impl Into<String>) -> Self {
+    /// An outcome with this status whose result is `{"error": message}`.
+    pub fn error(status: ExecutionStatus, message: impl Into<String>) -> Self {
         let mut m = Map::new();
         m.insert("error".into(), Value::String(message.into()));
         Self {
@@ -213,6 +220,7 @@ pub async fn run(
         LOCAL_SHELL_CMD | LOCAL_SHELL_SCRIPT => shell::run(&req, &masker, output, cancel).await,
         HTTP_REQUEST => http::run(&req, &masker, cancel).await,
         CI_BUILD => ci::run(&req, &masker, output, cancel).await,
+        JENKINS_BUILD => jenkins::run(&req, &masker, cancel).await,
         other => Err(RunnerError::UnknownRunner {
             action: req.action_ref.clone(),
             runner: other.to_owned(),

@@ -168,6 +168,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         rules = registry.rules.len(),
         "aviary server ready"
     );
+    let ci = engine::ci::CiState::new(&config);
     let engine = Arc::new(Engine {
         store,
         registry: ArcSwap::from_pointee(registry),
@@ -179,6 +180,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         running: std::sync::Mutex::new(Default::default()),
         output: Default::default(),
         registry_changed: tokio::sync::Notify::new(),
+        ci,
     });
     let state = AppState {
         engine,
@@ -204,6 +206,7 @@ impl Running {
         ));
         let timers = tokio::spawn(engine::timers::run_timers(engine.clone(), shutdown.clone()));
         let purge = tokio::spawn(purge_expired(engine.clone(), shutdown.clone()));
+        let retention = tokio::spawn(engine::ci::run_retention(engine.clone(), shutdown.clone()));
         let app = api::router(self.state.clone());
         let signal_token = shutdown.clone();
         tokio::spawn(async move {
@@ -220,6 +223,7 @@ impl Running {
             let _ = scheduler.await;
             let _ = timers.await;
             let _ = purge.await;
+            let _ = retention.await;
         })
         .await;
         Ok(())

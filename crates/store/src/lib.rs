@@ -317,6 +317,10 @@ pub trait Store: Send + Sync + 'static {
         after_seq: i64,
     ) -> Result<Vec<OutputChunk>, StoreError>;
 
+    /// Deletes the output of these executions (build log retention); the
+    /// executions stay. Returns the number of chunks deleted.
+    async fn delete_output(&self, execution_ids: &[String]) -> Result<u64, StoreError>;
+
     /// Creates or replaces a datastore item.
     async fn set_kv(&self, kv: KeyValue) -> Result<(), StoreError>;
     /// A datastore item, unless missing or expired (`expire_at <= now`).

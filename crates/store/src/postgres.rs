@@ -869,6 +869,18 @@ impl Store for PgStore {
         Ok(done.rows_affected() > 0)
     }
 
+    async fn delete_output(&self, execution_ids: &[String]) -> Result<u64, StoreError> {
+        if execution_ids.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query("DELETE FROM execution_output WHERE execution_id = ANY($1)")
+            .bind(execution_ids)
+            .execute(&self.pool)
+            .await
+            .map_err(err("deleting execution output"))?;
+        Ok(done.rows_affected())
+    }
+
     async fn purge_expired_kv(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM kv WHERE expire_at IS NOT NULL AND expire_at <= $1")
             .bind(to_ns(now, "current time")?)

@@ -1270,6 +1270,25 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn delete_output(&self, execution_ids: &[String]) -> Result<u64, StoreError> {
+        if execution_ids.is_empty() {
+            return Ok(0);
+        }
+        let ids = execution_ids.to_vec();
+        self.write(move |conn| {
+            let op = "deleting execution output";
+            let mut stmt = conn
+                .prepare_cached("DELETE FROM execution_output WHERE execution_id = ?1")
+                .map_err(err(op))?;
+            let mut n = 0u64;
+            for id in &ids {
+                n += stmt.execute([id]).map_err(err(op))? as u64;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
     async fn purge_expired_kv(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
         let now = to_ns(now, "current time")?;
         self.write(move |conn| {

@@ -5,9 +5,11 @@
 mod harness;
 
 mod apt;
+mod ci;
 mod cli;
 mod durability;
 mod githook;
+mod jenkins;
 mod packs;
 mod webhooks;
 mod workflows;

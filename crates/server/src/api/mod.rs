@@ -5,6 +5,7 @@
 
 pub mod apt;
 mod executions;
+mod jenkins;
 mod resources;
 mod webhooks;
 
@@ -116,6 +117,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/apt/{*path}", get(apt::serve))
+        .route("/api/v1/webhooks/jenkins", post(jenkins::receive))
         .route("/api/v1/webhooks/{*url}", post(webhooks::receive))
         .route(
             "/api/v1/executions",

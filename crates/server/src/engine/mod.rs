@@ -9,7 +9,10 @@
 //! - [`timers`] fires the rules on timer triggers.
 //! - [`output`] carries live output to subscribers and into the store.
 //! - [`workflow`] runs Orquesta workflows durably, one step per ended child.
+//! - [`ci`] runs the packaging steps (`deb-build`, `apt-publish`,
+//!   `ci-package`), limits concurrent CI builds and purges old build logs.
 
+pub mod ci;
 pub mod output;
 pub mod scheduler;
 pub mod timers;
@@ -64,6 +67,8 @@ pub struct Engine {
     pub output: Arc<output::OutputHub>,
     /// Woken whenever the registry changes (timers re-plan).
     pub registry_changed: Notify,
+    /// CI slots and the APT repository of the packaging steps.
+    pub ci: ci::CiState,
 }
 
 /// What [`Engine::ingest`] did with an event.
