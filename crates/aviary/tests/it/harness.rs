@@ -43,7 +43,7 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_aviary")
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
 }
@@ -54,6 +54,12 @@ impl Server {
     }
 
     pub fn start_with(backend: Backend, packs: &[&Path], extra: &[&str]) -> Server {
+        Self::start_on(backend, packs, extra, free_port())
+    }
+
+    /// Like [`Self::start_with`] on a given port (with `--listen ADDR:port`
+    /// in `extra` for a server the test hosts can reach).
+    pub fn start_on(backend: Backend, packs: &[&Path], extra: &[&str], port: u16) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let (database, schema) = match backend {
             Backend::Sqlite => (
@@ -69,7 +75,7 @@ impl Server {
         };
         let mut s = Server {
             child: None,
-            port: free_port(),
+            port,
             token: String::new(),
             database,
             packs: packs.iter().map(|p| p.to_path_buf()).collect(),
@@ -98,10 +104,12 @@ impl Server {
             .open(&self.stderr_path)
             .expect("log");
         let mut cmd = Command::new(bin());
-        cmd.arg("server")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--data-dir")
+        cmd.arg("server");
+        // Tests with hosts pass `--listen 0.0.0.0:<port>` so hosts reach it.
+        if !self.extra_args.iter().any(|a| a == "--listen") {
+            cmd.arg("--listen").arg(format!("127.0.0.1:{}", self.port));
+        }
+        cmd.arg("--data-dir")
             .arg(self.data_dir())
             .arg("--database")
             .arg(&self.database)
