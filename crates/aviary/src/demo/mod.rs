@@ -43,6 +43,12 @@ pub struct DemoArgs {
     /// Port of the demo's Aviary server.
     #[arg(long, default_value_t = 9700)]
     pub port: u16,
+    /// Post each stage's outcome to this Slack-compatible incoming webhook.
+    #[arg(long)]
+    pub notify_url: Option<String>,
+    /// Seconds a deploy waits for hosts to report the version installed and healthy.
+    #[arg(long, default_value_t = 120)]
+    pub deploy_timeout: u32,
     /// Internal: run as the demo's supervisor.
     #[arg(long, hide = true)]
     pub supervise: bool,
@@ -185,9 +191,14 @@ async fn up(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         ));
         write_tree(
             &dir.join("packs/cicd"),
-            files::CICD_PACK
-                .iter()
-                .map(|(p, t)| (p.to_string(), t.to_string(), false)),
+            files::CICD_PACK.iter().map(|(p, t)| {
+                let text = if *p == "config.yaml" {
+                    demo_settings(t, args)
+                } else {
+                    t.to_string()
+                };
+                (p.to_string(), text, false)
+            }),
         )?;
         step("starting the server, the hosts and their agents (in the background)");
         let _ = std::fs::remove_file(dir.join("ready.json"));
@@ -337,6 +348,27 @@ async fn up(args: &DemoArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+/// The pack's settings with the demo's choices (notification URL, deploy timeout).
+fn demo_settings(config: &str, args: &DemoArgs) -> String {
+    let mut out = String::new();
+    for line in config.lines() {
+        if line == "  notify_url: \"\""
+            && let Some(url) = &args.notify_url
+        {
+            out.push_str(&format!(
+                "  notify_url: {}\n",
+                serde_json::Value::from(url.as_str())
+            ));
+        } else if line.starts_with("  deploy_timeout: ") {
+            out.push_str(&format!("  deploy_timeout: {}\n", args.deploy_timeout));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 fn print_next(ready: &Ready, dir: &Path) {
@@ -570,6 +602,34 @@ mod tests {
             on_disk, embedded,
             "crates/aviary/src/demo/files.rs must list every file of packs/cicd"
         );
+    }
+
+    #[test]
+    fn demo_settings_reach_the_pack_config() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            a: super::DemoArgs,
+        }
+        let t = T::parse_from([
+            "t",
+            "--notify-url",
+            "http://10.0.0.1:9/hook",
+            "--deploy-timeout",
+            "20",
+        ]);
+        let config = files::CICD_PACK
+            .iter()
+            .find(|(p, _)| *p == "config.yaml")
+            .map(|(_, t)| *t)
+            .expect("config.yaml");
+        let out = super::demo_settings(config, &t.a);
+        assert!(
+            out.contains("  notify_url: \"http://10.0.0.1:9/hook\"\n"),
+            "{out}"
+        );
+        assert!(out.contains("  deploy_timeout: 20\n"), "{out}");
     }
 
     fn walk(dir: &std::path::Path) -> Vec<String> {

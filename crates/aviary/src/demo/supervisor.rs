@@ -70,9 +70,28 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     }
     eprintln!("aviary demo: ready; waiting for SIGTERM (aviary demo --down)");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let exe = std::env::current_exe()?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tick.tick() => {
+                // A crashed server is restarted: the store keeps every accepted
+                // event and the pipeline resumes where it was.
+                let exited = running
+                    .server
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                if let Some(status) = exited {
+                    eprintln!("aviary demo: the server exited ({status}); restarting it");
+                    match spawn_server(&exe, &dir, args.port) {
+                        Ok(c) => running.server = Some(c),
+                        Err(e) => eprintln!("aviary demo: cannot restart the server: {e:#}"),
+                    }
+                }
+            }
+        }
     }
     eprintln!("aviary demo: stopping");
     drop(running);
@@ -86,23 +105,9 @@ async fn start(dir: &Path, args: &DemoArgs, running: &mut Running) -> anyhow::Re
     let exe = std::env::current_exe()?;
 
     // The server: reachable from this machine and from the hosts.
-    let log = std::fs::File::create(dir.join("server.log"))?;
-    let data = dir.join("data");
-    let server = Command::new(&exe)
-        .arg("server")
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--listen")
-        .arg(format!("0.0.0.0:{}", args.port))
-        .arg("--packs")
-        .arg(dir.join("packs"))
-        .env("AVIARY_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("starting the server")?;
+    let server = spawn_server(&exe, dir, args.port)?;
     running.server = Some(server);
+    let data = dir.join("data");
     let local_url = format!("http://127.0.0.1:{}", args.port);
     let host_url = format!("http://{gateway}:{}", args.port);
     wait_http(&format!("{local_url}/healthz"), Duration::from_secs(30))
@@ -162,6 +167,30 @@ async fn start(dir: &Path, args: &DemoArgs, running: &mut Running) -> anyhow::Re
     std::fs::write(&tmp, serde_json::to_vec_pretty(&ready)?)?;
     std::fs::rename(&tmp, dir.join("ready.json"))?;
     Ok(())
+}
+
+/// Starts `aviary server` for the demo and records its pid in `server.pid`.
+fn spawn_server(exe: &Path, dir: &Path, port: u16) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))?;
+    let child = Command::new(exe)
+        .arg("server")
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--listen")
+        .arg(format!("0.0.0.0:{port}"))
+        .arg("--packs")
+        .arg(dir.join("packs"))
+        .env("AVIARY_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the server")?;
+    std::fs::write(dir.join("server.pid"), child.id().to_string())?;
+    Ok(child)
 }
 
 async fn wait_http(url: &str, timeout: Duration) -> anyhow::Result<()> {
