@@ -76,6 +76,14 @@ pub const CICD_PACK: &[(&str, &str)] = &[
         include_str!("../../../../packs/cicd/tests/ci_builds_main.yaml"),
     ),
     (
+        "tests/ci_failure_is_not_retried.yaml",
+        include_str!("../../../../packs/cicd/tests/ci_failure_is_not_retried.yaml"),
+    ),
+    (
+        "tests/ci_retried_after_a_crash.yaml",
+        include_str!("../../../../packs/cicd/tests/ci_retried_after_a_crash.yaml"),
+    ),
+    (
         "tests/ci_skips_other_branches.yaml",
         include_str!("../../../../packs/cicd/tests/ci_skips_other_branches.yaml"),
     ),
