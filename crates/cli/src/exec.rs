@@ -15,7 +15,7 @@ use crate::client::ApiClient;
 use crate::error::{CliError, EXIT_FAILED, EXIT_OK};
 use crate::format::{self, Table};
 use crate::sse::SseParser;
-use crate::{Console, ExecutionCmd, RunArgs};
+use crate::{Console, ExecutionCmd, InquiryCmd, RunArgs};
 
 /// How often the polling fallback asks for news.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -370,6 +370,13 @@ pub(crate) async fn execution(
             }
             let e: Execution = api.decode(body, "the execution")?;
             console.print(&describe_execution(&e, console.color))?;
+            if e.runner == "orquesta" {
+                let tree = api.get(&["executions", &id, "tasks"], &[]).await?;
+                let mut t = Table::new(&["task", "status", "started", "duration", "execution", "published"]);
+                task_rows(&tree, 0, &mut t);
+                console.print("tasks:\n")?;
+                print_table(console, &t, "no task started yet")?;
+            }
             Ok(EXIT_OK)
         }
         ExecutionCmd::Tail { id } => {
@@ -410,6 +417,149 @@ pub(crate) async fn execution(
                 "execution {}: {}\n",
                 e.id,
                 format::status(e.status, console.color)
+            ))?;
+            Ok(EXIT_OK)
+        }
+        ExecutionCmd::Pause { id } => pause_resume(api, &id, "pause", console).await,
+        ExecutionCmd::Resume { id } => pause_resume(api, &id, "resume", console).await,
+    }
+}
+
+/// Adds a workflow's task tree to a table, subworkflows indented.
+fn task_rows(tree: &Value, depth: usize, t: &mut Table) {
+    let indent = "  ".repeat(depth);
+    for task in tree["tasks"].as_array().into_iter().flatten() {
+        let started = task["started_at"]
+            .as_str()
+            .and_then(|s| s.parse::<DateTime<Utc>>().ok());
+        let finished = task["finished_at"]
+            .as_str()
+            .and_then(|s| s.parse::<DateTime<Utc>>().ok());
+        let published = task["published"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        let executions = task["executions"].as_array().cloned().unwrap_or_default();
+        let exec_cell = match executions.as_slice() {
+            [] => "-".to_string(),
+            [one] => format::value_cell(one.get("id")),
+            many => format!("{} items/runs", many.len()),
+        };
+        t.row(vec![
+            format!("{indent}{}", format::value_cell(task.get("task"))),
+            format::value_cell(task.get("status")),
+            started.map(|s| format::time(&s)).unwrap_or_else(|| "-".into()),
+            format::execution_duration(started.as_ref(), finished.as_ref()),
+            exec_cell,
+            if published.is_empty() { "-".into() } else { published },
+        ]);
+        for ex in &executions {
+            if ex.get("workflow").is_some() {
+                task_rows(&ex["workflow"], depth + 1, t);
+            }
+        }
+    }
+}
+
+async fn pause_resume(
+    api: &ApiClient,
+    id: &str,
+    op: &str,
+    console: &mut Console<'_>,
+) -> Result<i32, CliError> {
+    let body = api
+        .call(Method::POST, &["executions", id, op], &[], None)
+        .await?;
+    if console.json {
+        console.print_json(&body)?;
+        return Ok(EXIT_OK);
+    }
+    let e: Execution = api.decode(body, "the execution")?;
+    console.print(&format!(
+        "workflow {}: {}\n",
+        e.id,
+        format::status(e.status, console.color)
+    ))?;
+    Ok(EXIT_OK)
+}
+
+/// `aviary inquiry ...`.
+pub(crate) async fn inquiry(
+    api: &ApiClient,
+    cmd: InquiryCmd,
+    console: &mut Console<'_>,
+) -> Result<i32, CliError> {
+    match cmd {
+        InquiryCmd::List { limit } => {
+            let limit = limit.to_string();
+            let body = api
+                .call(Method::GET, &["inquiries"], &[("limit", limit)], None)
+                .await?;
+            if console.json {
+                console.print_json(&body)?;
+                return Ok(EXIT_OK);
+            }
+            let mut t = Table::new(&["ID", "ACTION", "WORKFLOW", "USERS", "ROLES", "EXPIRES"]);
+            for q in body.as_array().into_iter().flatten() {
+                let list = |k: &str| {
+                    q.get(k)
+                        .and_then(Value::as_array)
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(Value::as_str)
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or_else(|| "-".into())
+                };
+                t.row(vec![
+                    format::value_cell(q.get("id")),
+                    format::value_cell(q.get("action")),
+                    format::value_cell(q.get("parent_id")),
+                    list("users"),
+                    list("roles"),
+                    format::value_cell(q.get("expires_at")),
+                ]);
+            }
+            print_table(console, &t, "no pending inquiries\n")?;
+            Ok(EXIT_OK)
+        }
+        InquiryCmd::Get { id } => {
+            let body = api.call(Method::GET, &["inquiries", &id], &[], None).await?;
+            console.print_json(&body)?;
+            Ok(EXIT_OK)
+        }
+        InquiryCmd::Respond { id, response } => {
+            let response: Value = serde_json::from_str(&response).map_err(|e| {
+                CliError::Usage(format!(
+                    "the response is not valid JSON: {e} (line {}, column {}); e.g. '{{\"approved\": true}}'",
+                    e.line(),
+                    e.column()
+                ))
+            })?;
+            let body = api
+                .call(
+                    Method::POST,
+                    &["inquiries", &id, "respond"],
+                    &[],
+                    Some(&serde_json::json!({ "response": response })),
+                )
+                .await?;
+            if console.json {
+                console.print_json(&body)?;
+                return Ok(EXIT_OK);
+            }
+            console.print(&format!(
+                "inquiry {}: {} (answered by {})\n",
+                id,
+                format::value_cell(body.get("status")),
+                format::value_cell(body.get("responded_by"))
             ))?;
             Ok(EXIT_OK)
         }

@@ -361,6 +361,10 @@ const CORE_FILES: &[(&str, &str)] = &[
         include_str!("builtin/actions/local.yaml"),
     ),
     (
+        "actions/ask.yaml",
+        include_str!("builtin/actions/ask.yaml"),
+    ),
+    (
         "actions/noop.yaml",
         include_str!("builtin/actions/noop.yaml"),
     ),
@@ -420,6 +424,7 @@ mod tests {
         assert_eq!(
             refs,
             vec![
+                "core.ask",
                 "core.ci_build",
                 "core.echo",
                 "core.http",

@@ -9,4 +9,5 @@ mod cli;
 mod durability;
 mod packs;
 mod webhooks;
+mod workflow_ops;
 mod workflows;

@@ -10,6 +10,7 @@
 //! - [`output`] carries live output to subscribers and into the store.
 //! - [`workflow`] runs Orquesta workflows durably, one step per ended child.
 
+pub mod inquiry;
 pub mod output;
 pub mod scheduler;
 pub mod timers;
@@ -584,11 +585,27 @@ impl Engine {
                 now,
             )
             .await?;
+        // An inquiry waiting for its answer ends at once.
+        let canceled_now = canceled_now
+            || self
+                .store
+                .transition_execution(
+                    id,
+                    &[ExecutionStatus::Pending],
+                    ExecutionStatus::Canceled,
+                    Some(json!({"error": "the inquiry was canceled before an answer"})),
+                    now,
+                )
+                .await?;
         if !canceled_now {
             self.store
                 .transition_execution(
                     id,
-                    &[ExecutionStatus::Running],
+                    &[
+                        ExecutionStatus::Running,
+                        ExecutionStatus::Pausing,
+                        ExecutionStatus::Paused,
+                    ],
                     ExecutionStatus::Canceling,
                     None,
                     now,
