@@ -388,6 +388,9 @@ pub(crate) async fn execution(
             };
             let mut f = Follower::new(&id, mode);
             let (exec, _) = f.get(api).await?;
+            if exec.runner == "orquesta" {
+                return tail_workflow(api, &id, console).await;
+            }
             let exec = if exec.status.is_terminal() {
                 f.backfill(api, console).await?;
                 exec
@@ -422,6 +425,108 @@ pub(crate) async fn execution(
         }
         ExecutionCmd::Pause { id } => pause_resume(api, &id, "pause", console).await,
         ExecutionCmd::Resume { id } => pause_resume(api, &id, "resume", console).await,
+    }
+}
+
+/// A task execution followed by [`tail_workflow`].
+#[derive(Default)]
+struct TaskTail {
+    last_seq: Option<i64>,
+    partial: String,
+    ended: bool,
+}
+
+/// Leaf executions of a task tree: (execution id, label, status, is workflow).
+fn tree_leaves(tree: &Value, prefix: &str, out: &mut Vec<(String, String, String)>) {
+    for task in tree["tasks"].as_array().into_iter().flatten() {
+        let name = task["task"].as_str().unwrap_or("?");
+        for ex in task["executions"].as_array().into_iter().flatten() {
+            let mut label = format!("{prefix}{name}");
+            if let Some(item) = ex["item"].as_u64() {
+                label.push_str(&format!("[{item}]"));
+            }
+            if ex.get("workflow").is_some() {
+                tree_leaves(&ex["workflow"], &format!("{label}/"), out);
+                continue;
+            }
+            out.push((
+                ex["id"].as_str().unwrap_or_default().to_string(),
+                label,
+                ex["status"].as_str().unwrap_or_default().to_string(),
+            ));
+        }
+    }
+}
+
+/// `aviary execution tail` of a workflow: follows the output of every task
+/// (subworkflows included), each line prefixed with its task, until the
+/// workflow ends.
+async fn tail_workflow(
+    api: &ApiClient,
+    id: &str,
+    console: &mut Console<'_>,
+) -> Result<i32, CliError> {
+    let mut tails: std::collections::HashMap<String, TaskTail> = Default::default();
+    loop {
+        let exec: Execution = api.decode(api.get(&["executions", id], &[]).await?, "the execution")?;
+        let tree = api.get(&["executions", id, "tasks"], &[]).await?;
+        let mut leaves = Vec::new();
+        tree_leaves(&tree, "", &mut leaves);
+        for (eid, label, status) in leaves {
+            let tail = tails.entry(eid.clone()).or_default();
+            if tail.ended {
+                continue;
+            }
+            let query: Vec<(&str, String)> = tail
+                .last_seq
+                .map(|s| vec![("after", s.to_string())])
+                .unwrap_or_default();
+            let body = api.get(&["executions", &eid, "output"], &query).await?;
+            let mut chunks: Vec<OutputChunk> = api.decode(body, "the execution output")?;
+            chunks.sort_by_key(|c| c.seq);
+            for c in chunks {
+                if tail.last_seq.is_some_and(|s| c.seq <= s) {
+                    continue;
+                }
+                tail.last_seq = Some(c.seq);
+                if console.json {
+                    let mut v = serde_json::to_value(&c).unwrap_or_default();
+                    v["task"] = Value::String(label.clone());
+                    console.print(&format!("{v}\n"))?;
+                    continue;
+                }
+                tail.partial.push_str(&c.data);
+                while let Some(pos) = tail.partial.find('\n') {
+                    let line: String = tail.partial.drain(..=pos).collect();
+                    console.print(&format!("[{label}] {line}"))?;
+                }
+            }
+            let status = ExecutionStatus::parse(&status);
+            if status.is_some_and(ExecutionStatus::is_terminal) {
+                tail.ended = true;
+                if !tail.partial.is_empty() {
+                    let rest = std::mem::take(&mut tail.partial);
+                    console.print(&format!("[{label}] {rest}\n"))?;
+                }
+                if !console.json {
+                    console.eprint(&format!(
+                        "[{label}] {}\n",
+                        status.map(ExecutionStatus::as_str).unwrap_or("?")
+                    ))?;
+                }
+            }
+        }
+        if exec.status.is_terminal() {
+            if !console.json {
+                console.eprint(&format!(
+                    "workflow {} {}\n",
+                    exec.id,
+                    format::status(exec.status, false)
+                ))?;
+            }
+            return Ok(exit_for(exec.status));
+        }
+        tokio::time::sleep(POLL_INTERVAL / 2).await;
     }
 }
 

@@ -13,7 +13,7 @@ fn workflow(pack: &Path, name: &str, body: &str) {
     write(
         &pack.join(format!("actions/{name}.yaml")),
         &format!(
-            "name: {name}\npack: ops\nrunner_type: orquesta\nentry_point: workflows/{name}.yaml\n"
+            "name: {name}\npack: ops\nrunner_type: orquesta\nentry_point: workflows/{name}.yaml\nparameters:\n  ttl:\n    type: number\n"
         ),
     );
     write(&pack.join(format!("actions/workflows/{name}.yaml")), body);
@@ -338,4 +338,52 @@ fn inquiry_ttl_fails_the_task() {
     // No ship task ran.
     let kids = children(&s, &id);
     assert!(kids.iter().all(|k| k["action"] != "core.echo"), "{kids:?}");
+}
+
+#[test]
+fn task_tree_and_tail_of_a_workflow() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pack = ops_pack(dir.path());
+    let s = Server::start(Backend::Sqlite, &[&pack]);
+    let id = run(&s, "ops.outer", json!({}));
+    // Tail follows every task, subworkflow included, until the end.
+    let out = s.cli(&["execution", "tail", &id]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("[sub/after] inner done\n"), "{out:?}");
+    assert!(stdout.contains("[last] outer done\n"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("[sub/slow] succeeded"), "{stderr}");
+    assert!(stderr.contains("succeeded"), "{stderr}");
+    // The tree: tasks, statuses, times, published values, nested.
+    let (st, tree) = s.get(&format!("/api/v1/executions/{id}/tasks"));
+    assert_eq!(st, 200, "{tree}");
+    let tasks = tree["tasks"].as_array().expect("tasks");
+    let names: Vec<&str> = tasks.iter().filter_map(|t| t["task"].as_str()).collect();
+    assert_eq!(names, vec!["sub", "last"], "{tree}");
+    assert!(
+        tasks[0]["published"]["inner"]
+            .as_str()
+            .is_some_and(|v| v.contains("inner done")),
+        "{tree}"
+    );
+    assert!(tasks[0]["duration"].as_f64().is_some_and(|d| d >= 1.0), "{tree}");
+    let inner = &tasks[0]["executions"][0]["workflow"]["tasks"];
+    let inner_names: Vec<&str> = inner
+        .as_array()
+        .expect("inner tasks")
+        .iter()
+        .filter_map(|t| t["task"].as_str())
+        .collect();
+    assert_eq!(inner_names, vec!["slow", "after"], "{tree}");
+    let out = s.cli(&["execution", "get", &id]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("tasks:"), "{text}");
+    assert!(text.contains("\n  slow ") || text.contains("  slow"), "{text}");
+    assert!(text.contains("inner="), "{text}");
+    // Not a workflow: no tasks.
+    let leaf = tasks[1]["executions"][0]["id"].as_str().expect("id");
+    let (st, _) = s.get(&format!("/api/v1/executions/{leaf}/tasks"));
+    assert_eq!(st, 409);
 }

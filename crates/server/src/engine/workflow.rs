@@ -836,6 +836,15 @@ fn mask(value: &Value, secrets: &[String]) -> Value {
     }
 }
 
+fn spec_has_task(engine: &Engine, action: &str, task: &str) -> bool {
+    engine
+        .registry
+        .load()
+        .workflows
+        .get(action)
+        .is_some_and(|spec| spec.tasks.contains_key(task))
+}
+
 async fn tree_of(engine: &Engine, wf: &Execution, depth: usize) -> Value {
     let stored = match engine.store.load_workflow(&wf.id).await {
         Ok(Some((_, value))) => unseal(engine, value).ok(),
@@ -855,21 +864,29 @@ async fn tree_of(engine: &Engine, wf: &Execution, depth: usize) -> Value {
         .await
         .unwrap_or_default();
     kids.reverse();
+    // Each child goes to the first entry of its task instance that was
+    // still open when the child was created (cycles make several entries).
+    let seq = &stored.conductor.sequence;
+    let mut assigned: Vec<Vec<&Execution>> = vec![Vec::new(); seq.len()];
+    for k in &kids {
+        let Some(t) = stored.children.get(&k.id) else {
+            continue;
+        };
+        let slot = seq.iter().position(|e| {
+            e.id == t.id && e.route == t.route && e.finished_at.is_none_or(|f| k.created_at <= f)
+        });
+        if let Some(i) = slot {
+            assigned[i].push(k);
+        }
+    }
     let mut tasks = Vec::new();
-    for entry in &stored.conductor.sequence {
-        let mine: Vec<&Execution> = kids
-            .iter()
-            .filter(|k| {
-                stored
-                    .children
-                    .get(&k.id)
-                    .is_some_and(|t| t.id == entry.id && t.route == entry.route)
-                    && k.created_at >= entry.started_at - chrono::Duration::milliseconds(5)
-                    && entry.finished_at.is_none_or(|f| k.created_at <= f)
-            })
-            .collect();
+    for (entry, mine) in seq.iter().zip(assigned) {
+        // The implicit `continue` of transitions without `do` is noise here.
+        if entry.id == "continue" && !spec_has_task(engine, &wf.action, "continue") {
+            continue;
+        }
         let mut executions = Vec::new();
-        for k in mine {
+        for k in &mine {
             let mut node = json!({
                 "id": k.id,
                 "action": k.action,
@@ -883,15 +900,27 @@ async fn tree_of(engine: &Engine, wf: &Execution, depth: usize) -> Value {
             }
             executions.push(node);
         }
-        let duration = entry
-            .finished_at
-            .map(|f| (f - entry.started_at).num_milliseconds() as f64 / 1000.0);
+        // Times of the actions that ran the task (the entry's own times
+        // for tasks without an action).
+        let started = mine
+            .iter()
+            .filter_map(|k| k.started_at)
+            .min()
+            .unwrap_or(entry.started_at);
+        let finished = if mine.is_empty() {
+            entry.finished_at
+        } else if mine.iter().all(|k| k.finished_at.is_some()) {
+            mine.iter().filter_map(|k| k.finished_at).max()
+        } else {
+            None
+        };
+        let duration = finished.map(|f| (f - started).num_milliseconds() as f64 / 1000.0);
         tasks.push(json!({
             "task": entry.id,
             "route": entry.route,
             "status": entry.status.as_str(),
-            "started_at": entry.started_at,
-            "finished_at": entry.finished_at,
+            "started_at": started,
+            "finished_at": finished,
             "duration": duration,
             "published": mask(&Value::Object(entry.published.clone()), &stored.secrets),
             "executions": executions,
