@@ -110,6 +110,25 @@ output:
   - approved: <% ctx(approved) %>
 "#,
     );
+    workflow(
+        &pack,
+        "timeouts",
+        r#"version: 1.0
+tasks:
+  quick:
+    action: core.local
+    input:
+      cmd: sleep 30
+      timeout: 1
+    next:
+      - when: <% failed() %>
+        do: nap
+  nap:
+    action: core.local
+    input:
+      cmd: sleep 60
+"#,
+    );
     pack
 }
 
@@ -386,4 +405,39 @@ fn task_tree_and_tail_of_a_workflow() {
     let leaf = tasks[1]["executions"][0]["id"].as_str().expect("id");
     let (st, _) = s.get(&format!("/api/v1/executions/{leaf}/tasks"));
     assert_eq!(st, 409);
+}
+
+#[test]
+fn task_and_workflow_timeouts() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pack = ops_pack(dir.path());
+    let s = Server::start(Backend::Sqlite, &[&pack]);
+    let id = run(&s, "ops.timeouts", json!({"timeout": 4}));
+    let wf = s.wait_execution(&id);
+    assert_eq!(wf["status"], "timeout", "{wf}\n{}", s.log());
+    assert!(
+        wf["result"]["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("timeout of 4 s")),
+        "{wf}"
+    );
+    let kids = children(&s, &id);
+    let by_cmd = |cmd: &str| {
+        kids.iter()
+            .find(|k| k["parameters"]["cmd"] == cmd)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    // The task's own timeout: its action timed out, the task failed and
+    // its failure transition ran the next task.
+    assert_eq!(by_cmd("sleep 30")["status"], "timeout", "{kids:?}");
+    // The workflow's timeout canceled the task still running.
+    assert_eq!(by_cmd("sleep 60")["status"], "canceled", "{kids:?}");
+    let (_, tree) = s.get(&format!("/api/v1/executions/{id}/tasks"));
+    assert_eq!(tree["tasks"][0]["status"], "failed", "{tree}");
+    assert_eq!(
+        tree["tasks"][1]["executions"][0]["status"],
+        "canceled",
+        "{tree}"
+    );
 }

@@ -277,6 +277,7 @@ fn run_commands(
                 {
                     result["error"] = json!(first.message);
                 }
+
                 stored.finish = Some((to, result));
             }
         }
@@ -545,7 +546,26 @@ async fn fail_running(engine: &Engine, wf_id: &str, msg: String) {
 }
 
 /// Moves the workflow execution to its final status. Returns whether it changed.
-async fn complete(engine: &Engine, wf_id: &str, status: ExecutionStatus, result: Value) -> bool {
+async fn complete(
+    engine: &Engine,
+    wf_id: &str,
+    mut status: ExecutionStatus,
+    mut result: Value,
+) -> bool {
+    if status == ExecutionStatus::Canceled
+        && let Ok(Some(wf)) = engine.store.get_execution(wf_id).await
+        && let Some(secs) = timeout_of(&wf)
+        && deadline_passed(&wf)
+    {
+        status = ExecutionStatus::Timeout;
+        let msg = format!("the workflow ran past its timeout of {secs} s; its tasks were canceled");
+        match &mut result {
+            Value::Object(m) => {
+                m.insert("error".into(), json!(msg));
+            }
+            other => *other = json!({"error": msg}),
+        }
+    }
     let changed = match engine
         .store
         .transition_execution(
@@ -770,6 +790,39 @@ async fn on_workflow_changed(engine: &Engine, wf_id: &str) {
     }
 }
 
+/// The workflow's `timeout` parameter (seconds), if set.
+fn timeout_of(wf: &Execution) -> Option<i64> {
+    wf.parameters
+        .get("timeout")
+        .and_then(Value::as_i64)
+        .filter(|t| *t > 0)
+}
+
+fn deadline_passed(wf: &Execution) -> bool {
+    match (timeout_of(wf), wf.started_at) {
+        (Some(secs), Some(started)) => Utc::now() >= started + chrono::Duration::seconds(secs),
+        _ => false,
+    }
+}
+
+/// Stops a workflow that ran past its `timeout`: it is canceled (running
+/// tasks and subworkflows too) and ends as `timeout`.
+async fn enforce_timeout(engine: &Engine, wf_id: &str) {
+    let Ok(Some(wf)) = engine.store.get_execution(wf_id).await else {
+        return;
+    };
+    if matches!(
+        wf.status,
+        ExecutionStatus::Running | ExecutionStatus::Pausing | ExecutionStatus::Paused
+    ) && deadline_passed(&wf)
+    {
+        tracing::info!(workflow = wf_id, "workflow ran past its timeout; canceling it");
+        if let Err(e) = Box::pin(engine.cancel(wf_id)).await {
+            tracing::warn!(workflow = wf_id, error = %e, "cannot stop a timed-out workflow");
+        }
+    }
+}
+
 /// Steps every running workflow of this node now and then every few
 /// seconds, until `shutdown`: resumes workflows after a crash and catches
 /// any step missed.
@@ -786,6 +839,7 @@ pub async fn run_resume(engine: Arc<Engine>, shutdown: CancellationToken) {
                     if shutdown.is_cancelled() {
                         return;
                     }
+                    enforce_timeout(&engine, &id).await;
                     on_workflow_changed(&engine, &id).await;
                 }
             }
