@@ -383,6 +383,10 @@ const CORE_FILES: &[(&str, &str)] = &[
         include_str!("builtin/actions/local.yaml"),
     ),
     (
+        "actions/ask.yaml",
+        include_str!("builtin/actions/ask.yaml"),
+    ),
+    (
         "actions/noop.yaml",
         include_str!("builtin/actions/noop.yaml"),
     ),
@@ -459,6 +463,7 @@ mod tests {
             refs,
             vec![
                 "core.apt_publish",
+                "core.ask",
                 "core.ci_build",
                 "core.ci_package",
                 "core.deb_build",

@@ -20,6 +20,7 @@ pub const RUNNER_TYPES: &[&str] = &[
     "apt-publish",
     "ci-package",
     "jenkins-build",
+    "inquirer",
 ];
 
 /// Runner types whose actions must name an `entry_point` file.
@@ -190,7 +191,14 @@ fn shell_common() -> Vec<(String, ParamSpec)> {
 /// The runner parameters of `runner_type`, or None for an unknown runner type.
 pub fn runner_parameters(runner_type: &str) -> Option<ParamSchema> {
     let params = match runner_type {
-        "noop" | "orquesta" | "inject-trigger" => Vec::new(),
+        "noop" | "inject-trigger" | "inquirer" => Vec::new(),
+        "orquesta" => vec![(
+            "timeout".to_string(),
+            spec(
+                ParamType::Integer,
+                "Seconds the whole workflow may run; past it, its running tasks are canceled and it ends as timeout.",
+            ),
+        )],
         "local-shell-cmd" => {
             let mut cmd = spec(
                 ParamType::String,

@@ -285,7 +285,8 @@ pub trait Store: Send + Sync + 'static {
     /// state). Returns the abandoned ids.
     async fn recover_node(&self, node: &str, at: DateTime<Utc>) -> Result<Vec<String>, StoreError>;
 
-    /// Ids of `orquesta` executions that are `running` or `canceling`,
+    /// Ids of `orquesta` executions that are `running`, `canceling`,
+    /// `pausing` or `paused`,
     /// optionally only those of one node (the workflow resume scan).
     async fn list_running_workflows(&self, node: Option<&str>) -> Result<Vec<String>, StoreError>;
     /// A workflow execution's stored state and its version, if saved.

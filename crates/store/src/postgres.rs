@@ -669,7 +669,7 @@ impl Store for PgStore {
     async fn list_running_workflows(&self, node: Option<&str>) -> Result<Vec<String>, StoreError> {
         sqlx::query_scalar(
             "SELECT id FROM executions WHERE runner = 'orquesta' \
-             AND status IN ('running', 'canceling') \
+             AND status IN ('running', 'canceling', 'pausing', 'paused') \
              AND ($1::text IS NULL OR node = $1) ORDER BY seq",
         )
         .bind(node)

@@ -1043,7 +1043,7 @@ impl Store for SqliteStore {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT id FROM executions WHERE runner = 'orquesta' \
-                     AND status IN ('running', 'canceling') \
+                     AND status IN ('running', 'canceling', 'pausing', 'paused') \
                      AND (?1 IS NULL OR node = ?1) ORDER BY seq",
                 )
                 .map_err(err(op))?;

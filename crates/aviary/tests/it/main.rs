@@ -12,4 +12,5 @@ mod githook;
 mod jenkins;
 mod packs;
 mod webhooks;
+mod workflow_ops;
 mod workflows;

@@ -8,6 +8,7 @@ mod executions;
 mod jenkins;
 mod resources;
 mod webhooks;
+mod workflows;
 
 use std::sync::Arc;
 
@@ -125,6 +126,12 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/executions/{id}", get(executions::get_one))
         .route("/api/v1/executions/{id}/cancel", post(executions::cancel))
+        .route("/api/v1/executions/{id}/pause", post(workflows::pause))
+        .route("/api/v1/executions/{id}/resume", post(workflows::resume))
+        .route("/api/v1/executions/{id}/tasks", get(workflows::tasks))
+        .route("/api/v1/inquiries", get(workflows::list))
+        .route("/api/v1/inquiries/{id}", get(workflows::get_one))
+        .route("/api/v1/inquiries/{id}/respond", post(workflows::respond))
         .route("/api/v1/executions/{id}/output", get(executions::output))
         .route("/api/v1/executions/{id}/stream", get(executions::stream))
         .route("/api/v1/actions", get(resources::list_actions))

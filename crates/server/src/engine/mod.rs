@@ -13,6 +13,7 @@
 //!   `ci-package`), limits concurrent CI builds and purges old build logs.
 
 pub mod ci;
+pub mod inquiry;
 pub mod output;
 pub mod scheduler;
 pub mod timers;
@@ -595,11 +596,27 @@ impl Engine {
                 now,
             )
             .await?;
+        // An inquiry waiting for its answer ends at once.
+        let canceled_now = canceled_now
+            || self
+                .store
+                .transition_execution(
+                    id,
+                    &[ExecutionStatus::Pending],
+                    ExecutionStatus::Canceled,
+                    Some(json!({"error": "the inquiry was canceled before an answer"})),
+                    now,
+                )
+                .await?;
         if !canceled_now {
             self.store
                 .transition_execution(
                     id,
-                    &[ExecutionStatus::Running],
+                    &[
+                        ExecutionStatus::Running,
+                        ExecutionStatus::Pausing,
+                        ExecutionStatus::Paused,
+                    ],
                     ExecutionStatus::Canceling,
                     None,
                     now,

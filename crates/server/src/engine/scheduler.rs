@@ -178,6 +178,11 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) {
         super::workflow::start(engine, &exec, params, secrets).await;
         return;
     }
+    if exec.runner == super::inquiry::INQUIRY_RUNNER {
+        // Holds no worker either: it waits for an answer.
+        super::inquiry::open(engine, &exec, params).await;
+        return;
+    }
     match engine
         .store
         .transition_execution(
