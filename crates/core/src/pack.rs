@@ -372,6 +372,18 @@ const CORE_FILES: &[(&str, &str)] = &[
         "actions/inject_trigger.yaml",
         include_str!("builtin/actions/inject_trigger.yaml"),
     ),
+    (
+        "actions/deploy_canary.yaml",
+        include_str!("builtin/actions/deploy_canary.yaml"),
+    ),
+    (
+        "actions/deploy_promote.yaml",
+        include_str!("builtin/actions/deploy_promote.yaml"),
+    ),
+    (
+        "actions/deploy_rollback.yaml",
+        include_str!("builtin/actions/deploy_rollback.yaml"),
+    ),
 ];
 
 /// The built-in `core` pack: `core.local`, `core.http`, `core.noop`,

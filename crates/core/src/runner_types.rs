@@ -16,6 +16,7 @@ pub const RUNNER_TYPES: &[&str] = &[
     "orquesta",
     "inject-trigger",
     "ci-build",
+    "deploy",
 ];
 
 /// Runner types whose actions must name an `entry_point` file.
@@ -79,7 +80,7 @@ fn shell_common() -> Vec<(String, ParamSpec)> {
 /// The runner parameters of `runner_type`, or None for an unknown runner type.
 pub fn runner_parameters(runner_type: &str) -> Option<ParamSchema> {
     let params = match runner_type {
-        "noop" | "orquesta" | "inject-trigger" => Vec::new(),
+        "noop" | "orquesta" | "inject-trigger" | "deploy" => Vec::new(),
         "local-shell-cmd" => {
             let mut cmd = spec(
                 ParamType::String,

@@ -64,6 +64,8 @@ pub struct Engine {
     pub output: Arc<output::OutputHub>,
     /// Woken whenever the registry changes (timers re-plan).
     pub registry_changed: Notify,
+    /// Advertised versions for agents and deploys.
+    pub deploy: crate::deploy::DeployHub,
 }
 
 /// What [`Engine::ingest`] did with an event.
