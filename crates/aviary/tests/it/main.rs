@@ -6,6 +6,7 @@ mod harness;
 
 mod apt;
 mod cli;
+mod deploy;
 mod durability;
 mod packs;
 mod webhooks;
