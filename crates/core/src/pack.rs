@@ -361,6 +361,14 @@ const CORE_FILES: &[(&str, &str)] = &[
         include_str!("builtin/actions/local.yaml"),
     ),
     (
+        "actions/remote.yaml",
+        include_str!("builtin/actions/remote.yaml"),
+    ),
+    (
+        "actions/remote_sudo.yaml",
+        include_str!("builtin/actions/remote_sudo.yaml"),
+    ),
+    (
         "actions/noop.yaml",
         include_str!("builtin/actions/noop.yaml"),
     ),
@@ -437,7 +445,9 @@ mod tests {
                 "core.http",
                 "core.inject_trigger",
                 "core.local",
-                "core.noop"
+                "core.noop",
+                "core.remote",
+                "core.remote_sudo"
             ]
         );
         let echo = pack.actions.iter().find(|a| a.name == "echo").unwrap();
@@ -447,5 +457,13 @@ mod tests {
         let message = echo.parameters.get("message").unwrap();
         assert!(message.required && !message.runner_param);
         assert_eq!(message.position, Some(0));
+        let sudo = pack
+            .actions
+            .iter()
+            .find(|a| a.name == "remote_sudo")
+            .unwrap();
+        let flag = sudo.parameters.get("sudo").unwrap();
+        assert!(flag.immutable && flag.runner_param);
+        assert_eq!(flag.default, Some(serde_json::json!(true)));
     }
 }

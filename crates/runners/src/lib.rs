@@ -1,18 +1,22 @@
-//! Aviary's action runners: `noop`, `local-shell-cmd`, `local-shell-script`
-//! and `http-request`.
+//! Aviary's action runners: `noop`, `local-shell-cmd`, `local-shell-script`,
+//! `http-request`, `ci-build`, and over SSH `remote-shell-cmd` and
+//! `remote-shell-script`.
 //!
 //! [`run`] executes one action to completion and returns a [`RunOutcome`]
 //! whose `result` has StackStorm's shape for the runner. Output of the shell
 //! runners is streamed as [`OutputEvent`]s while the action runs. Secret values
 //! are masked everywhere (streamed chunks, stored output, result).
 //!
-//! Event data never reaches a shell as text: action parameters are passed as
-//! argv entries and environment variables only.
+//! Event data never reaches a local shell as text: action parameters are
+//! passed as argv entries and environment variables only. For a remote shell
+//! (SSH), where the command is necessarily text, they appear only as
+//! single-quoted words.
 
 mod ci;
 mod http;
 mod mask;
 mod shell;
+mod ssh;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,14 +36,20 @@ pub const LOCAL_SHELL_SCRIPT: &str = "local-shell-script";
 pub const HTTP_REQUEST: &str = "http-request";
 /// Runner type: check out a repository and run its CI scripts.
 pub const CI_BUILD: &str = "ci-build";
+/// Runner type that runs a shell command on remote hosts over SSH.
+pub const REMOTE_SHELL_CMD: &str = "remote-shell-cmd";
+/// Runner type that runs a script (the entry point) on remote hosts over SSH.
+pub const REMOTE_SHELL_SCRIPT: &str = "remote-shell-script";
 
 /// Every runner type this crate can run.
-pub const KNOWN_RUNNERS: [&str; 5] = [
+pub const KNOWN_RUNNERS: [&str; 7] = [
     NOOP,
     LOCAL_SHELL_CMD,
     LOCAL_SHELL_SCRIPT,
     HTTP_REQUEST,
     CI_BUILD,
+    REMOTE_SHELL_CMD,
+    REMOTE_SHELL_SCRIPT,
 ];
 
 /// Maximum stored size of stdout, stderr and an HTTP response body (1 MiB).
@@ -119,7 +129,7 @@ impl RunOutcome {
 pub enum RunnerError {
     /// The runner type is not one of [`KNOWN_RUNNERS`].
     #[error(
-        "action {action}: unknown runner type '{runner}'; use one of noop, local-shell-cmd, local-shell-script, http-request"
+        "action {action}: unknown runner type '{runner}'; use one of noop, local-shell-cmd, local-shell-script, http-request, ci-build, remote-shell-cmd, remote-shell-script"
     )]
     UnknownRunner {
         /// Action reference.
@@ -213,6 +223,7 @@ pub async fn run(
         LOCAL_SHELL_CMD | LOCAL_SHELL_SCRIPT => shell::run(&req, &masker, output, cancel).await,
         HTTP_REQUEST => http::run(&req, &masker, cancel).await,
         CI_BUILD => ci::run(&req, &masker, output, cancel).await,
+        REMOTE_SHELL_CMD | REMOTE_SHELL_SCRIPT => ssh::run(&req, &masker, output, cancel).await,
         other => Err(RunnerError::UnknownRunner {
             action: req.action_ref.clone(),
             runner: other.to_owned(),
