@@ -477,8 +477,8 @@ async fn converge_loop(agent: Arc<Agent>, mut rx: watch::Receiver<Option<Vec<Ass
                     .unwrap_or_default();
                 let done = current.installed.as_deref() == Some(version.as_str())
                     && current.target.as_deref() == Some(version.as_str());
-                let failed_before = current.target.as_deref() == Some(version.as_str())
-                    && current.error.is_some();
+                let failed_before =
+                    current.target.as_deref() == Some(version.as_str()) && current.error.is_some();
                 if done && current.error.is_none() {
                     continue;
                 }

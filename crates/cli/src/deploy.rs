@@ -102,7 +102,8 @@ pub enum DeployCmd {
         /// Application (package name).
         app: String,
         /// Version.
-        version: String,
+        #[arg(value_name = "VERSION")]
+        app_version: String,
         /// Deploy options.
         #[command(flatten)]
         opts: DeployOpts,
@@ -237,8 +238,7 @@ pub(crate) async fn host(
             tags,
         } => {
             let body = json!({"name": name, "address": address, "tags": tags});
-            api.call(Method::POST, &["hosts"], &[], Some(&body))
-                .await?
+            api.call(Method::POST, &["hosts"], &[], Some(&body)).await?
         }
         HostCmd::Remove { name } => {
             api.call(Method::DELETE, &["hosts", &name], &[], None)
@@ -305,7 +305,8 @@ async fn start_deploy(
     if let Some(w) = opts.lock_wait {
         parameters.insert("lock_wait".into(), json!(w));
     }
-    let body = json!({"operation": operation, "app": app, "version": version, "parameters": parameters});
+    let body =
+        json!({"operation": operation, "app": app, "version": version, "parameters": parameters});
     let created = api
         .call(Method::POST, &["deploys"], &[], Some(&body))
         .await?;
@@ -348,11 +349,13 @@ async fn start_deploy(
             console.eprint(&format!("error: {e}\n"))?;
         }
     }
-    Ok(if exec.status == aviary_core::model::ExecutionStatus::Succeeded {
-        EXIT_OK
-    } else {
-        EXIT_FAILED
-    })
+    Ok(
+        if exec.status == aviary_core::model::ExecutionStatus::Succeeded {
+            EXIT_OK
+        } else {
+            EXIT_FAILED
+        },
+    )
 }
 
 /// `aviary deploy ...`.
@@ -362,12 +365,16 @@ pub(crate) async fn deploy(
     console: &mut Console<'_>,
 ) -> Result<i32, CliError> {
     match cmd {
-        DeployCmd::Canary { app, version, opts } => {
+        DeployCmd::Canary {
+            app,
+            app_version,
+            opts,
+        } => {
             start_deploy(
                 api,
                 "canary",
                 &app,
-                Some(version),
+                Some(app_version),
                 Default::default(),
                 opts,
                 console,

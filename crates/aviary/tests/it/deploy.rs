@@ -58,18 +58,38 @@ fn policy_and_history(backend: Backend) {
     let c1 = agent_token(&s, "c1", "10.0.0.1", &["web::app_canary"]);
     let c2 = agent_token(&s, "c2", "10.0.0.2", &["web::app_canary"]);
     let p1 = agent_token(&s, "p1", "10.0.0.3", &["web::app"]);
-    let out = s.cli(&["host", "add", "p2", "--address", "10.0.0.4", "--tag", "web::app"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = s.cli(&[
+        "host",
+        "add",
+        "p2",
+        "--address",
+        "10.0.0.4",
+        "--tag",
+        "web::app",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Filters: canaries are never production targets.
     let (_, v) = s.get("/api/v1/hosts?app=web&canary=true");
-    let names: Vec<&str> = v.as_array().expect("list").iter().filter_map(|h| h["name"].as_str()).collect();
+    let names: Vec<&str> = v
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|h| h["name"].as_str())
+        .collect();
     assert_eq!(names, vec!["c1", "c2"]);
     let (_, v) = s.get("/api/v1/hosts?app=web&canary=false");
     assert_eq!(v.as_array().expect("list").len(), 2);
     let out = s.cli(&["host", "list", "--tag", "web::app"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("p1") && text.contains("p2") && !text.contains("c1"), "{text}");
+    assert!(
+        text.contains("p1") && text.contains("p2") && !text.contains("c1"),
+        "{text}"
+    );
 
     // Canary 1.0: the canaries report it; the deploy lists every host.
     let id = deploy(&s, "canary", "web", Some("1.0"), json!({"timeout": 60}));
@@ -81,9 +101,20 @@ fn policy_and_history(backend: Backend) {
         .as_array()
         .expect("hosts")
         .iter()
-        .map(|h| (h["host"].as_str().unwrap_or("").into(), h["outcome"].as_str().unwrap_or("").into()))
+        .map(|h| {
+            (
+                h["host"].as_str().unwrap_or("").into(),
+                h["outcome"].as_str().unwrap_or("").into(),
+            )
+        })
         .collect();
-    assert_eq!(outcomes, vec![("c1".into(), "converged".into()), ("c2".into(), "converged".into())]);
+    assert_eq!(
+        outcomes,
+        vec![
+            ("c1".into(), "converged".into()),
+            ("c2".into(), "converged".into())
+        ]
+    );
 
     // Promote 1.0 through the CLI: production hosts converge in batches of one.
     std::thread::scope(|scope| {
@@ -105,8 +136,15 @@ fn policy_and_history(backend: Backend) {
         report(&s, &p2, "web", "1.0", "healthy");
         let out = h.join().expect("promote");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-        assert!(text.contains("batch 1/2: p1") && text.contains("batch 2/2: p2"), "{text}");
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("batch 1/2: p1") && text.contains("batch 2/2: p2"),
+            "{text}"
+        );
     });
 
     // Canary 1.1, only c1 gets there; c2 stays on 1.0 (timeout 1s).
@@ -114,7 +152,13 @@ fn policy_and_history(backend: Backend) {
     report(&s, &c1, "web", "1.1", "healthy");
     let exec = s.wait_execution(&id);
     assert_eq!(exec["status"], "failed", "{exec}");
-    assert!(exec["result"]["error"].as_str().unwrap_or("").contains("c2 (timeout)"), "{exec}");
+    assert!(
+        exec["result"]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("c2 (timeout)"),
+        "{exec}"
+    );
 
     // Promote is refused, naming c2 and what it runs.
     let out = s.cli(&["promote", "web"]);
@@ -127,7 +171,10 @@ fn policy_and_history(backend: Backend) {
     let id = deploy(&s, "promote", "web", None, json!({}));
     let exec = s.wait_execution(&id);
     let e = exec["result"]["error"].as_str().unwrap_or("");
-    assert!(e.contains("host `c1` is unhealthy") && e.contains("host `c2` runs `1.0`"), "{e}");
+    assert!(
+        e.contains("host `c1` is unhealthy") && e.contains("host `c2` runs `1.0`"),
+        "{e}"
+    );
 
     // A direct production set: not the canary version -> refused, audited.
     let r = s
@@ -139,7 +186,13 @@ fn policy_and_history(backend: Backend) {
         .expect("put");
     assert_eq!(r.status().as_u16(), 409);
     let body: Value = r.json().expect("json");
-    assert!(body["error"].as_str().unwrap_or("").contains("current canary version `1.1`"), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("current canary version `1.1`"),
+        "{body}"
+    );
     // The canary version, but the canaries do not all run it -> refused too.
     let r = s
         .http()
@@ -157,7 +210,13 @@ fn policy_and_history(backend: Backend) {
         .filter(|a| a["action"] == "version.refused")
         .collect();
     assert_eq!(refused.len(), 2, "{audit}");
-    assert!(audit.as_array().expect("audit").iter().any(|a| a["action"] == "deploy.promote.refused"));
+    assert!(
+        audit
+            .as_array()
+            .expect("audit")
+            .iter()
+            .any(|a| a["action"] == "deploy.promote.refused")
+    );
     let (_, v) = s.get("/api/v1/versions/web");
     assert_eq!(v["production_version"], "1.0");
 
@@ -173,12 +232,26 @@ fn policy_and_history(backend: Backend) {
 
     let out = s.cli(&["versions", "web", "--json"]);
     let v: Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!((v["canary_version"].as_str(), v["production_version"].as_str()), (Some("1.0"), Some("1.0")));
-    let kinds: Vec<&str> = v["history"].as_array().expect("history").iter().filter_map(|c| c["kind"].as_str()).collect();
+    assert_eq!(
+        (
+            v["canary_version"].as_str(),
+            v["production_version"].as_str()
+        ),
+        (Some("1.0"), Some("1.0"))
+    );
+    let kinds: Vec<&str> = v["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|c| c["kind"].as_str())
+        .collect();
     assert_eq!(kinds, vec!["rollback", "canary", "production", "canary"]);
     assert!(v["history"][0]["execution_id"] == json!(id));
     // Promote takes no version.
-    let (st, _) = s.post("/api/v1/deploys", json!({"operation": "promote", "app": "web", "version": "2.0"}));
+    let (st, _) = s.post(
+        "/api/v1/deploys",
+        json!({"operation": "promote", "app": "web", "version": "2.0"}),
+    );
     assert_eq!(st, 400);
 }
 
@@ -240,12 +313,30 @@ fn agent_tokens_are_scoped_and_revocable() {
         assert_eq!(st, 403, "{path}: {v}");
     }
     // Only its own tags and apps.
-    let (st, v) = agent_call(&s, &t, "POST", "/api/v1/agent/register", json!({"tags": ["db::app"]}));
+    let (st, v) = agent_call(
+        &s,
+        &t,
+        "POST",
+        "/api/v1/agent/register",
+        json!({"tags": ["db::app"]}),
+    );
     assert_eq!(st, 403, "{v}");
     assert!(v["error"].as_str().unwrap_or("").contains("db::app"), "{v}");
-    let (st, _) = agent_call(&s, &t, "POST", "/api/v1/agent/register", json!({"tags": ["web::app_canary"]}));
+    let (st, _) = agent_call(
+        &s,
+        &t,
+        "POST",
+        "/api/v1/agent/register",
+        json!({"tags": ["web::app_canary"]}),
+    );
     assert_eq!(st, 200);
-    let (st, _) = agent_call(&s, &t, "POST", "/api/v1/agent/report", json!({"apps": {"db": {"installed": "1"}}}));
+    let (st, _) = agent_call(
+        &s,
+        &t,
+        "POST",
+        "/api/v1/agent/report",
+        json!({"apps": {"db": {"installed": "1"}}}),
+    );
     assert_eq!(st, 403);
     // An admin token is not an agent.
     let (st, _) = agent_call(&s, &s.token, "GET", "/api/v1/agent/versions", json!(null));
@@ -257,14 +348,32 @@ fn agent_tokens_are_scoped_and_revocable() {
     assert_eq!(st, 401);
     // The agent binary stops on a refused token, saying why.
     let out = std::process::Command::new(crate::harness::bin())
-        .args(["agent", "--server", &s.url(""), "--token", &t, "--tag", "web::app_canary"])
+        .args([
+            "agent",
+            "--server",
+            &s.url(""),
+            "--token",
+            &t,
+            "--tag",
+            "web::app_canary",
+        ])
         .output()
         .expect("agent");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("401"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Enrollment: a host without tags takes its agent's.
     let t2 = agent_token(&s, "n1", "10.0.0.9", &[]);
-    let (st, v) = agent_call(&s, &t2, "POST", "/api/v1/agent/register", json!({"tags": ["web::app"]}));
+    let (st, v) = agent_call(
+        &s,
+        &t2,
+        "POST",
+        "/api/v1/agent/register",
+        json!({"tags": ["web::app"]}),
+    );
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["host"]["tags"], json!(["web::app"]));
 }
@@ -275,9 +384,15 @@ fn next_assignments(lines: &mut impl BufRead) -> Value {
     let mut line = String::new();
     loop {
         line.clear();
-        assert!(lines.read_line(&mut line).expect("read") > 0, "stream ended");
+        assert!(
+            lines.read_line(&mut line).expect("read") > 0,
+            "stream ended"
+        );
         let l = line.trim_end();
-        if let Some(e) = l.strip_prefix("event: ").or_else(|| l.strip_prefix("event:")) {
+        if let Some(e) = l
+            .strip_prefix("event: ")
+            .or_else(|| l.strip_prefix("event:"))
+        {
             event = e.to_string();
         } else if let Some(d) = l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:"))
             && event == "assignments"
@@ -307,10 +422,19 @@ fn watch_streams_changes_and_survives_reconnects() {
     assert_eq!(next_assignments(&mut w)[0]["version"], Value::Null);
     deploy(&s, "canary", "web", Some("3.0"), json!({"timeout": 1}));
     let a = next_assignments(&mut w);
-    assert_eq!(a, json!([{"tag": "web::app_canary", "app": "web", "version": "3.0"}]));
+    assert_eq!(
+        a,
+        json!([{"tag": "web::app_canary", "app": "web", "version": "3.0"}])
+    );
     drop(w);
     // While disconnected the version changes; a new stream starts with it.
-    deploy(&s, "canary", "web", Some("3.1"), json!({"timeout": 1, "lock_wait": 30}));
+    deploy(
+        &s,
+        "canary",
+        "web",
+        Some("3.1"),
+        json!({"timeout": 1, "lock_wait": 30}),
+    );
     s.wait_for("3.1 advertised", || {
         let (_, v) = s.get("/api/v1/versions/web");
         (v["canary_version"] == "3.1").then_some(())

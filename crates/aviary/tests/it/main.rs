@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod agent_apt;
 mod apt;
 mod cli;
 mod deploy;

@@ -82,12 +82,9 @@ pub async fn list_hosts(
 }
 
 async fn load_host(state: &AppState, name: &str) -> Result<Host, ApiError> {
-    state
-        .engine
-        .store
-        .get_host(name)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no host named '{name}'; see `aviary host list`")))
+    state.engine.store.get_host(name).await?.ok_or_else(|| {
+        ApiError::not_found(format!("no host named '{name}'; see `aviary host list`"))
+    })
 }
 
 /// `GET /api/v1/hosts/{name}`.
@@ -521,7 +518,11 @@ pub async fn agent_register(
         )
         .await;
     } else {
-        let foreign: Vec<&String> = body.tags.iter().filter(|t| !host.tags.contains(t)).collect();
+        let foreign: Vec<&String> = body
+            .tags
+            .iter()
+            .filter(|t| !host.tags.contains(t))
+            .collect();
         if !foreign.is_empty() {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -593,11 +594,7 @@ pub async fn agent_report(
 
 async fn host_tags(state: &AppState, host: &str) -> Result<Vec<aviary_deploy::Tag>, ApiError> {
     let host = load_host(state, host).await?;
-    Ok(host
-        .tags
-        .iter()
-        .filter_map(|t| parse_tag(t).ok())
-        .collect())
+    Ok(host.tags.iter().filter_map(|t| parse_tag(t).ok()).collect())
 }
 
 /// `GET /api/v1/agent/versions`: what the agent's host should run.

@@ -166,7 +166,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/packs/reload", post(resources::reload_packs))
         .route("/api/v1/audit", get(resources::list_audit))
         .route("/api/v1/stats", get(resources::stats))
-        .route("/api/v1/hosts", get(deploy::list_hosts).post(deploy::add_host))
+        .route(
+            "/api/v1/hosts",
+            get(deploy::list_hosts).post(deploy::add_host),
+        )
         .route(
             "/api/v1/hosts/{name}",
             get(deploy::get_host).delete(deploy::delete_host),
