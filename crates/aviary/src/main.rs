@@ -42,8 +42,41 @@ enum Top {
     GitHook(git_hook::GitHookCommand),
     /// The pipeline on this machine in one command: server, hosts, a sample app, a push.
     Demo(demo::DemoArgs),
+    /// Run the host agent: register, watch advertised versions, converge with apt-get.
+    Agent(AgentArgs),
     #[command(flatten)]
     Client(aviary_cli::Command),
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Server base URL.
+    #[arg(long, env = "AVIARY_SERVER")]
+    server: String,
+    /// The host's agent token (`aviary host token create HOST`).
+    #[arg(long, env = "AVIARY_AGENT_TOKEN", hide_env_values = true)]
+    token: String,
+    /// A tag this host carries: APP::ROLE or APP::ROLE_canary (repeatable).
+    #[arg(long = "tag", required = true)]
+    tags: Vec<String>,
+    /// Address to register for this host.
+    #[arg(long)]
+    address: Option<String>,
+    /// Health check URL (2xx is healthy).
+    #[arg(long)]
+    health_url: Option<String>,
+    /// Health check command and arguments (exit 0 is healthy), e.g. `--health-cmd /usr/bin/test -- -e /opt/web`.
+    #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+    health_cmd: Vec<String>,
+    /// Heartbeat interval in seconds.
+    #[arg(long, default_value_t = 10)]
+    heartbeat: u64,
+    /// APT suite of the server's repository.
+    #[arg(long, default_value = "stable")]
+    suite: String,
+    /// APT component.
+    #[arg(long, default_value = "main")]
+    component: String,
 }
 
 #[derive(clap::Args)]
@@ -271,6 +304,7 @@ fn main() -> ExitCode {
             Top::Workflow(WorkflowCommand::Rehearse { specs }) => rehearse(&specs),
             Top::GitHook(cmd) => git_hook::run(cmd).await,
             Top::Demo(args) => demo::run(args).await,
+            Top::Agent(args) => agent(args).await,
             Top::Apt(cmd) => apt(cmd, cli.global.json),
             Top::Package(args) => package(args, cli.global.json),
             Top::Client(cmd) => client(cli.global, cmd).await,
@@ -283,6 +317,18 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    let mut cfg = aviary_agent::Config::new(&args.server, &args.token, args.tags);
+    cfg.address = args.address;
+    cfg.health_url = args.health_url;
+    cfg.health_cmd = args.health_cmd;
+    cfg.heartbeat = std::time::Duration::from_secs(args.heartbeat.max(1));
+    cfg.suite = args.suite;
+    cfg.component = args.component;
+    aviary_agent::run(cfg).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn package(args: PackageArgs, json: bool) -> anyhow::Result<ExitCode> {

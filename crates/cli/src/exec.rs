@@ -129,6 +129,24 @@ pub(crate) async fn run_action(
     Ok(exit_for(exec.status))
 }
 
+/// Follows a just-created execution to its end, printing its output live
+/// (not with `--json`); returns it.
+pub(crate) async fn follow_created(
+    api: &ApiClient,
+    id: &str,
+    console: &mut Console<'_>,
+) -> Result<(Execution, Value), CliError> {
+    let show = if console.json {
+        Show::Nothing
+    } else {
+        Show::Raw
+    };
+    let mut follower = Follower::new(id, show);
+    let done = follower.follow(api, console).await?;
+    follower.end_line(console)?;
+    Ok(done)
+}
+
 fn print_summary(
     exec: &Execution,
     output_shown: bool,

@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod config;
+pub mod deploy;
 pub mod error;
 mod exec;
 pub mod format;
@@ -84,6 +85,18 @@ aviary run core.echo message=hi --json | jq .result"
     /// List, show or answer inquiries (`core.ask`).
     #[command(subcommand)]
     Inquiry(InquiryCmd),
+    /// The host inventory and agent tokens.
+    #[command(subcommand)]
+    Host(deploy::HostCmd),
+    /// Canary deploys and deploy locks.
+    #[command(subcommand)]
+    Deploy(deploy::DeployCmd),
+    /// Promote what the canaries run to production (takes no version), in batches.
+    Promote(deploy::PromoteArgs),
+    /// Return the canaries to the production version.
+    Rollback(deploy::RollbackArgs),
+    /// Advertised versions (canary, production) and their history.
+    Versions(deploy::VersionsArgs),
 }
 
 /// `aviary run`.
@@ -421,5 +434,10 @@ pub async fn run_with(
         Command::Pack(c) => resources::pack(&api, c, console).await,
         Command::Audit(a) => resources::audit(&api, a, console).await,
         Command::Inquiry(c) => exec::inquiry(&api, c, console).await,
+        Command::Host(c) => deploy::host(&api, c, console).await,
+        Command::Deploy(c) => deploy::deploy(&api, c, console).await,
+        Command::Promote(a) => deploy::promote(&api, a, console).await,
+        Command::Rollback(a) => deploy::rollback(&api, a, console).await,
+        Command::Versions(a) => deploy::versions(&api, a, console).await,
     }
 }

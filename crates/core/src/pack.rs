@@ -387,6 +387,14 @@ const CORE_FILES: &[(&str, &str)] = &[
         include_str!("builtin/actions/ask.yaml"),
     ),
     (
+        "actions/remote.yaml",
+        include_str!("builtin/actions/remote.yaml"),
+    ),
+    (
+        "actions/remote_sudo.yaml",
+        include_str!("builtin/actions/remote_sudo.yaml"),
+    ),
+    (
         "actions/noop.yaml",
         include_str!("builtin/actions/noop.yaml"),
     ),
@@ -413,6 +421,18 @@ const CORE_FILES: &[(&str, &str)] = &[
     (
         "actions/inject_trigger.yaml",
         include_str!("builtin/actions/inject_trigger.yaml"),
+    ),
+    (
+        "actions/deploy_canary.yaml",
+        include_str!("builtin/actions/deploy_canary.yaml"),
+    ),
+    (
+        "actions/deploy_promote.yaml",
+        include_str!("builtin/actions/deploy_promote.yaml"),
+    ),
+    (
+        "actions/deploy_rollback.yaml",
+        include_str!("builtin/actions/deploy_rollback.yaml"),
     ),
 ];
 
@@ -472,7 +492,9 @@ mod tests {
                 "core.inject_trigger",
                 "core.jenkins_build",
                 "core.local",
-                "core.noop"
+                "core.noop",
+                "core.remote",
+                "core.remote_sudo"
             ]
         );
         let echo = pack.actions.iter().find(|a| a.name == "echo").unwrap();
@@ -482,5 +504,13 @@ mod tests {
         let message = echo.parameters.get("message").unwrap();
         assert!(message.required && !message.runner_param);
         assert_eq!(message.position, Some(0));
+        let sudo = pack
+            .actions
+            .iter()
+            .find(|a| a.name == "remote_sudo")
+            .unwrap();
+        let flag = sudo.parameters.get("sudo").unwrap();
+        assert!(flag.immutable && flag.runner_param);
+        assert_eq!(flag.default, Some(serde_json::json!(true)));
     }
 }

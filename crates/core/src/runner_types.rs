@@ -21,10 +21,14 @@ pub const RUNNER_TYPES: &[&str] = &[
     "ci-package",
     "jenkins-build",
     "inquirer",
+    "deploy",
+    "remote-shell-cmd",
+    "remote-shell-script",
 ];
 
 /// Runner types whose actions must name an `entry_point` file.
-pub const ENTRY_POINT_REQUIRED: &[&str] = &["local-shell-script", "orquesta"];
+pub const ENTRY_POINT_REQUIRED: &[&str] =
+    &["local-shell-script", "remote-shell-script", "orquesta"];
 
 fn spec(kind: ParamType, description: &str) -> ParamSpec {
     ParamSpec {
@@ -188,10 +192,85 @@ fn shell_common() -> Vec<(String, ParamSpec)> {
     ]
 }
 
+/// Parameters shared by `remote-shell-cmd` and `remote-shell-script` (SSH).
+fn remote_common() -> Vec<(String, ParamSpec)> {
+    let mut hosts = spec(
+        ParamType::String,
+        "Comma-separated hosts to run on (name or address, optionally host:port).",
+    );
+    hosts.required = true;
+    let mut key = spec(
+        ParamType::String,
+        "Private key: a file path, or the key itself (PEM/OpenSSH text).",
+    );
+    key.secret = true;
+    let mut v = vec![
+        ("hosts".to_string(), hosts),
+        (
+            "username".into(),
+            spec(
+                ParamType::String,
+                "User to log in as; default: the user Aviary runs as.",
+            ),
+        ),
+        ("private_key".into(), key),
+        (
+            "known_hosts".into(),
+            spec(
+                ParamType::String,
+                "known_hosts file to check host keys against; default: ssh's own (~/.ssh/known_hosts). A host whose key is not in it is refused, never added.",
+            ),
+        ),
+        (
+            "port".into(),
+            with_default(spec(ParamType::Integer, "SSH port."), json!(22)),
+        ),
+        (
+            "sudo".into(),
+            with_default(
+                spec(
+                    ParamType::Boolean,
+                    "Run the command as root with sudo -n (passwordless sudo on the host).",
+                ),
+                json!(false),
+            ),
+        ),
+        (
+            "parallel".into(),
+            with_default(
+                spec(ParamType::Boolean, "Run on the hosts in parallel."),
+                json!(true),
+            ),
+        ),
+        (
+            "concurrency".into(),
+            with_default(
+                spec(
+                    ParamType::Integer,
+                    "Maximum number of hosts at once when parallel.",
+                ),
+                json!(10),
+            ),
+        ),
+        (
+            "connect_timeout".into(),
+            with_default(
+                spec(
+                    ParamType::Integer,
+                    "Seconds to wait for each SSH connection.",
+                ),
+                json!(10),
+            ),
+        ),
+    ];
+    v.extend(shell_common());
+    v
+}
+
 /// The runner parameters of `runner_type`, or None for an unknown runner type.
 pub fn runner_parameters(runner_type: &str) -> Option<ParamSchema> {
     let params = match runner_type {
-        "noop" | "inject-trigger" | "inquirer" => Vec::new(),
+        "noop" | "inject-trigger" | "inquirer" | "deploy" => Vec::new(),
         "orquesta" => vec![(
             "timeout".to_string(),
             spec(
@@ -210,6 +289,17 @@ pub fn runner_parameters(runner_type: &str) -> Option<ParamSchema> {
             v
         }
         "local-shell-script" => shell_common(),
+        "remote-shell-cmd" => {
+            let mut cmd = spec(
+                ParamType::String,
+                "Command to run on each host (shell text of the action's author); parameters are passed quoted, never spliced.",
+            );
+            cmd.required = true;
+            let mut v = vec![("cmd".to_string(), cmd)];
+            v.extend(remote_common());
+            v
+        }
+        "remote-shell-script" => remote_common(),
         "ci-build" => {
             let mut repo = spec(
                 ParamType::String,
@@ -494,6 +584,17 @@ mod tests {
             assert!(runner_parameters(r).is_some(), "{r}");
         }
         assert!(runner_parameters("python-script").is_none());
+    }
+
+    #[test]
+    fn remote_runners_check_hosts_and_hide_the_key() {
+        for r in ["remote-shell-cmd", "remote-shell-script"] {
+            let s = runner_parameters(r).unwrap();
+            assert!(s.get("hosts").unwrap().required);
+            assert!(s.get("private_key").unwrap().secret);
+            assert_eq!(s.get("port").unwrap().default, Some(json!(22)));
+        }
+        assert!(ENTRY_POINT_REQUIRED.contains(&"remote-shell-script"));
     }
 
     #[test]

@@ -1,20 +1,24 @@
 //! Aviary's action runners: `noop`, `local-shell-cmd`, `local-shell-script`,
-//! `http-request`, `ci-build` and `jenkins-build`; [`checkout`] is the
-//! `ci-build` checkout for steps the server runs itself (`ci-package`).
+//! `http-request`, `ci-build`, `jenkins-build`, and over SSH `remote-shell-cmd`
+//! and `remote-shell-script`; [`checkout`] is the `ci-build` checkout for
+//! steps the server runs itself (`ci-package`).
 //!
 //! [`run`] executes one action to completion and returns a [`RunOutcome`]
 //! whose `result` has StackStorm's shape for the runner. Output of the shell
 //! runners is streamed as [`OutputEvent`]s while the action runs. Secret values
 //! are masked everywhere (streamed chunks, stored output, result).
 //!
-//! Event data never reaches a shell as text: action parameters are passed as
-//! argv entries and environment variables only.
+//! Event data never reaches a local shell as text: action parameters are
+//! passed as argv entries and environment variables only. For a remote shell
+//! (SSH), where the command is necessarily text, they appear only as
+//! single-quoted words.
 
 mod ci;
 mod http;
 mod jenkins;
 mod mask;
 mod shell;
+mod ssh;
 
 pub use ci::{Checkout, checkout};
 
@@ -38,15 +42,21 @@ pub const HTTP_REQUEST: &str = "http-request";
 pub const CI_BUILD: &str = "ci-build";
 /// Runner type: start a Jenkins job over its REST API.
 pub const JENKINS_BUILD: &str = "jenkins-build";
+/// Runner type that runs a shell command on remote hosts over SSH.
+pub const REMOTE_SHELL_CMD: &str = "remote-shell-cmd";
+/// Runner type that runs a script (the entry point) on remote hosts over SSH.
+pub const REMOTE_SHELL_SCRIPT: &str = "remote-shell-script";
 
 /// Every runner type this crate can run.
-pub const KNOWN_RUNNERS: [&str; 6] = [
+pub const KNOWN_RUNNERS: [&str; 8] = [
     NOOP,
     LOCAL_SHELL_CMD,
     LOCAL_SHELL_SCRIPT,
     HTTP_REQUEST,
     CI_BUILD,
     JENKINS_BUILD,
+    REMOTE_SHELL_CMD,
+    REMOTE_SHELL_SCRIPT,
 ];
 
 /// Maximum stored size of stdout, stderr and an HTTP response body (1 MiB).
@@ -126,7 +136,7 @@ impl RunOutcome {
 pub enum RunnerError {
     /// The runner type is not one of [`KNOWN_RUNNERS`].
     #[error(
-        "action {action}: unknown runner type '{runner}'; use one of noop, local-shell-cmd, local-shell-script, http-request"
+        "action {action}: unknown runner type '{runner}'; use one of noop, local-shell-cmd, local-shell-script, http-request, ci-build, remote-shell-cmd, remote-shell-script"
     )]
     UnknownRunner {
         /// Action reference.
@@ -221,6 +231,7 @@ pub async fn run(
         HTTP_REQUEST => http::run(&req, &masker, cancel).await,
         CI_BUILD => ci::run(&req, &masker, output, cancel).await,
         JENKINS_BUILD => jenkins::run(&req, &masker, cancel).await,
+        REMOTE_SHELL_CMD | REMOTE_SHELL_SCRIPT => ssh::run(&req, &masker, output, cancel).await,
         other => Err(RunnerError::UnknownRunner {
             action: req.action_ref.clone(),
             runner: other.to_owned(),

@@ -500,7 +500,7 @@ fn shell_text(req: &RunRequest, has_args: bool) -> Result<String, RunnerError> {
 }
 
 /// Names of the action (non-runner) parameters.
-fn action_params(req: &RunRequest) -> impl Iterator<Item = (&String, &Value)> {
+pub(crate) fn action_params(req: &RunRequest) -> impl Iterator<Item = (&String, &Value)> {
     let runner: HashSet<&str> = req.runner_param_names.iter().map(String::as_str).collect();
     req.parameters
         .iter()
@@ -508,7 +508,7 @@ fn action_params(req: &RunRequest) -> impl Iterator<Item = (&String, &Value)> {
 }
 
 /// Positional parameters in position order, then `<kwarg_op><name>=<value>`.
-fn build_args(req: &RunRequest) -> Result<Vec<String>, RunnerError> {
+pub(crate) fn build_args(req: &RunRequest) -> Result<Vec<String>, RunnerError> {
     let kwarg_op = match req.parameters.get("kwarg_op") {
         None | Some(Value::Null) => "--".to_owned(),
         Some(Value::String(s)) => s.clone(),
@@ -547,7 +547,7 @@ fn build_args(req: &RunRequest) -> Result<Vec<String>, RunnerError> {
 }
 
 /// Environment variable name for a parameter name.
-fn env_name(prefix: &str, name: &str) -> String {
+pub(crate) fn env_name(prefix: &str, name: &str) -> String {
     let mut s = String::with_capacity(prefix.len() + name.len());
     s.push_str(prefix);
     s.extend(name.chars().map(|c| {

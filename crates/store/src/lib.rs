@@ -24,7 +24,10 @@ use aviary_core::model::{
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+pub use deploy::DeployStore;
+
 mod common;
+pub mod deploy;
 pub mod postgres;
 pub mod sqlite;
 
@@ -223,7 +226,7 @@ pub struct OutputChunk {
 
 /// Aviary's storage interface, shared as `Arc<dyn Store>`.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: DeployStore + Send + Sync + 'static {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;
 

@@ -26,6 +26,8 @@ use crate::common::{
 use crate::sqlite::conflict_what;
 use crate::{ExecutionFilter, Ingest, IngestOutcome, NewExecution, OutputChunk, Store, StoreError};
 
+mod deploy;
+
 const BACKEND: &str = "postgres";
 
 const MIGRATIONS: &[Migration] = &[
@@ -34,6 +36,11 @@ const MIGRATIONS: &[Migration] = &[
         2,
         "workflows",
         include_str!("migrations/postgres/0002_workflows.sql"),
+    ),
+    (
+        3,
+        "deploy",
+        include_str!("migrations/postgres/0003_deploy.sql"),
     ),
 ];
 

@@ -45,7 +45,14 @@ const MIGRATIONS: &[Migration] = &[
         "workflows",
         include_str!("migrations/sqlite/0002_workflows.sql"),
     ),
+    (
+        3,
+        "deploy",
+        include_str!("migrations/sqlite/0003_deploy.sql"),
+    ),
 ];
+
+mod deploy;
 
 const BACKEND: &str = "sqlite";
 

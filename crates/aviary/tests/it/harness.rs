@@ -35,6 +35,8 @@ pub struct Server {
     pub database: String,
     pub packs: Vec<PathBuf>,
     pub extra_args: Vec<String>,
+    /// The address the server binds (127.0.0.1, or 0.0.0.0 for test hosts).
+    pub listen_ip: String,
     schema: Option<String>,
     stderr_path: PathBuf,
 }
@@ -54,12 +56,12 @@ impl Server {
     }
 
     pub fn start_with(backend: Backend, packs: &[&Path], extra: &[&str]) -> Server {
-        Self::start_on(backend, packs, extra, free_port())
+        Self::start_on(backend, packs, extra, "127.0.0.1")
     }
 
-    /// Like [`Self::start_with`] on a given port (with `--listen ADDR:port`
-    /// in `extra` for a server the test hosts can reach).
-    pub fn start_on(backend: Backend, packs: &[&Path], extra: &[&str], port: u16) -> Server {
+    /// Like [`Server::start_with`], bound on `ip` (`0.0.0.0` to be reachable
+    /// from test hosts through their bridge).
+    pub fn start_on(backend: Backend, packs: &[&Path], extra: &[&str], ip: &str) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let (database, schema) = match backend {
             Backend::Sqlite => (
@@ -75,11 +77,12 @@ impl Server {
         };
         let mut s = Server {
             child: None,
-            port,
+            port: free_port(),
             token: String::new(),
             database,
             packs: packs.iter().map(|p| p.to_path_buf()).collect(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            listen_ip: ip.to_string(),
             schema,
             stderr_path: dir.path().join("server.log"),
             dir,
@@ -104,12 +107,10 @@ impl Server {
             .open(&self.stderr_path)
             .expect("log");
         let mut cmd = Command::new(bin());
-        cmd.arg("server");
-        // Tests with hosts pass `--listen 0.0.0.0:<port>` so hosts reach it.
-        if !self.extra_args.iter().any(|a| a == "--listen") {
-            cmd.arg("--listen").arg(format!("127.0.0.1:{}", self.port));
-        }
-        cmd.arg("--data-dir")
+        cmd.arg("server")
+            .arg("--listen")
+            .arg(format!("{}:{}", self.listen_ip, self.port))
+            .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--database")
             .arg(&self.database)

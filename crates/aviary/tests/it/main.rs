@@ -4,9 +4,11 @@
 
 mod harness;
 
+mod agent_apt;
 mod apt;
 mod ci;
 mod cli;
+mod deploy;
 mod durability;
 mod githook;
 mod jenkins;

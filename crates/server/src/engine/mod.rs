@@ -70,6 +70,8 @@ pub struct Engine {
     pub registry_changed: Notify,
     /// CI slots and the APT repository of the packaging steps.
     pub ci: ci::CiState,
+    /// Advertised versions for agents and deploys.
+    pub deploy: crate::deploy::DeployHub,
 }
 
 /// What [`Engine::ingest`] did with an event.

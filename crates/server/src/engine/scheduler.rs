@@ -235,6 +235,38 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) {
     engine
         .output
         .send(&id, LiveEvent::Status(ExecutionStatus::Running));
+    if exec.runner == crate::deploy::DEPLOY_RUNNER {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pump_task = tokio::spawn(pump(
+            engine.store.clone(),
+            engine.output.clone(),
+            id.clone(),
+            rx,
+        ));
+        let (status, result) =
+            crate::deploy::run::run(engine, &exec, &params, tx, cancel.clone()).await;
+        let _ = pump_task.await;
+        let status = if cancel.is_cancelled() {
+            ExecutionStatus::Canceled
+        } else {
+            status
+        };
+        finish(
+            engine,
+            &id,
+            &[ExecutionStatus::Running, ExecutionStatus::Canceling],
+            status,
+            result,
+        )
+        .await;
+        engine.output.send(&id, LiveEvent::Status(status));
+        if let Ok(mut running) = engine.running.lock() {
+            running.remove(&id);
+        }
+        engine.output.close(&id);
+        engine.emit_execution_triggers(&id).await;
+        return;
+    }
     let work_dir = engine.config.data_dir.join("work").join(&id);
     // A token valid while the action runs, so it can call the API (emit
     // triggers, read keys); revoked when it ends.
