@@ -59,6 +59,9 @@ pub struct Config {
     pub health_cmd: Vec<String>,
     /// Heartbeat interval.
     pub heartbeat: Duration,
+    /// How long a freshly installed version may take to become healthy: the
+    /// check is repeated (every half second) until it passes or this expires.
+    pub health_grace: Duration,
 }
 
 impl Config {
@@ -76,6 +79,7 @@ impl Config {
             health_url: None,
             health_cmd: Vec::new(),
             heartbeat: Duration::from_secs(10),
+            health_grace: Duration::from_secs(30),
         }
     }
 }
@@ -357,7 +361,15 @@ impl Agent {
                 last_line(&output)
             ));
         } else {
-            let (healthy, out) = self.health_check().await;
+            // A service restarted by its postinst needs a moment to listen.
+            let deadline = tokio::time::Instant::now() + self.cfg.health_grace;
+            let (healthy, out) = loop {
+                let (healthy, out) = self.health_check().await;
+                if healthy || tokio::time::Instant::now() >= deadline {
+                    break (healthy, out);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            };
             output.push_str(&out);
             status.health = if healthy {
                 Health::Healthy

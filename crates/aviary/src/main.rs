@@ -4,6 +4,7 @@
 
 mod demo;
 mod git_hook;
+mod haproxy;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +43,9 @@ enum Top {
     GitHook(git_hook::GitHookCommand),
     /// The pipeline on this machine in one command: server, hosts, a sample app, a push.
     Demo(demo::DemoArgs),
+    /// haproxy in front of each app's production and canary pools, following the inventory.
+    #[command(subcommand)]
+    Haproxy(haproxy::HaproxyCommand),
     /// Run the host agent: register, watch advertised versions, converge with apt-get.
     Agent(AgentArgs),
     #[command(flatten)]
@@ -71,6 +75,9 @@ struct AgentArgs {
     /// Heartbeat interval in seconds.
     #[arg(long, default_value_t = 10)]
     heartbeat: u64,
+    /// Seconds a new version may take to pass its health check after the install.
+    #[arg(long, default_value_t = 30)]
+    health_grace: u64,
     /// APT suite of the server's repository.
     #[arg(long, default_value = "stable")]
     suite: String,
@@ -304,6 +311,7 @@ fn main() -> ExitCode {
             Top::Workflow(WorkflowCommand::Rehearse { specs }) => rehearse(&specs),
             Top::GitHook(cmd) => git_hook::run(cmd).await,
             Top::Demo(args) => demo::run(args).await,
+            Top::Haproxy(cmd) => haproxy::run(cmd, cli.global).await,
             Top::Agent(args) => agent(args).await,
             Top::Apt(cmd) => apt(cmd, cli.global.json),
             Top::Package(args) => package(args, cli.global.json),
@@ -325,6 +333,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     cfg.health_url = args.health_url;
     cfg.health_cmd = args.health_cmd;
     cfg.heartbeat = std::time::Duration::from_secs(args.heartbeat.max(1));
+    cfg.health_grace = std::time::Duration::from_secs(args.health_grace);
     cfg.suite = args.suite;
     cfg.component = args.component;
     aviary_agent::run(cfg).await?;

@@ -257,9 +257,9 @@ async fn up(args: &DemoArgs) -> anyhow::Result<ExitCode> {
                 std::fs::Permissions::from_mode(0o600),
             )?;
         }
-        api.post(
-            "/api/v1/keys",
-            json!({"name": "cicd_webhook_secret", "value": secret, "secret": true}),
+        api.put(
+            "/api/v1/keys/system/cicd_webhook_secret",
+            json!({"value": secret, "secret": true}),
         )
         .await
         .context("storing the webhook secret in the datastore")?;
@@ -374,10 +374,11 @@ fn demo_settings(config: &str, args: &DemoArgs) -> String {
 fn print_next(ready: &Ready, dir: &Path) {
     let data = dir.join("data");
     println!(
-        "\nWhere to look:\n  export AVIARY_DATA_DIR={data}   # the CLI then finds the demo server and its token\n  \
+        "\nWhere to look:\n  export AVIARY_URL={url} AVIARY_DATA_DIR={data}   # the CLI then finds the demo server and its token\n  \
          aviary execution list              # every step, with its trace\n  \
          aviary host list                   # hosts, tags, installed versions, health",
-        data = data.display()
+        data = data.display(),
+        url = ready.url,
     );
     if let Some(front) = &ready.haproxy {
         println!(
@@ -461,10 +462,10 @@ impl Api {
         Ok(v)
     }
 
-    async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+    async fn put(&self, path: &str, body: Value) -> anyhow::Result<Value> {
         let r = self
             .client
-            .post(format!("{}{path}", self.url))
+            .put(format!("{}{path}", self.url))
             .bearer_auth(&self.token)
             .json(&body)
             .send()

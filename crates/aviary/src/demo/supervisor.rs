@@ -16,7 +16,10 @@ pub const APP_PORT: u16 = 8080;
 
 struct Running {
     server: Option<Child>,
-    haproxy: Option<Child>,
+    haproxy: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
     agents: Vec<HostProcess>,
     hosts: Vec<TestHost>,
     net: Option<TestNet>,
@@ -24,9 +27,9 @@ struct Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if let Some(mut h) = self.haproxy.take() {
-            let _ = h.kill();
-            let _ = h.wait();
+        if let Some((stop, _task)) = self.haproxy.take() {
+            // The task stops haproxy; a dropped runtime kills it (kill_on_drop).
+            let _ = stop.send(());
         }
         for a in &mut self.agents {
             a.kill();
@@ -135,15 +138,17 @@ async fn start(dir: &Path, args: &DemoArgs, running: &mut Running) -> anyhow::Re
             .arg(&host_url)
             .arg("--token")
             .arg(&host_token)
-            .arg("--name")
-            .arg(&name)
             .arg("--address")
             .arg(host.ip().to_string())
             .arg("--tag")
             .arg(&tag)
             .arg("--health-url")
             .arg(format!("http://127.0.0.1:{APP_PORT}/health"))
-            .env("AVIARY_LOG", "info");
+            .env("AVIARY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(
+                dir.join(format!("agent-{name}.log")),
+            )?);
         let agent = host
             .spawn(&mut cmd)
             .with_context(|| format!("starting the agent on {name}"))?;
@@ -152,9 +157,42 @@ async fn start(dir: &Path, args: &DemoArgs, running: &mut Running) -> anyhow::Re
         running.hosts.push(host);
     }
 
-    let haproxy = start_haproxy(dir, &running.hosts).ok();
-    let front = haproxy.as_ref().map(|(_, f)| f.clone());
-    running.haproxy = haproxy.map(|(c, _)| c);
+    let front = if which("haproxy") {
+        let bind = format!("127.0.0.1:{}", args.port + 1);
+        let fronts = vec![crate::haproxy::Front {
+            app: APP.into(),
+            role: "app".into(),
+            bind: bind.parse()?,
+            port: APP_PORT,
+            health_path: "/health".into(),
+            canary_share: 0,
+        }];
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (url, token) = (local_url.clone(), token.clone());
+        let hdir = dir.join("haproxy");
+        let task = tokio::spawn(async move {
+            let r = crate::haproxy::run_loop(
+                url,
+                token,
+                fronts,
+                hdir,
+                "haproxy".into(),
+                Duration::from_secs(2),
+                async {
+                    let _ = stop_rx.await;
+                },
+            )
+            .await;
+            if let Err(e) = r {
+                eprintln!("aviary demo: haproxy: {e:#}");
+            }
+        });
+        running.haproxy = Some((stop_tx, task));
+        Some(bind)
+    } else {
+        eprintln!("aviary demo: haproxy is not installed; skipping the traffic layer");
+        None
+    };
     running.net = Some(net);
 
     let ready = Ready {
@@ -215,11 +253,9 @@ async fn create_host_token(
     tag: &str,
 ) -> anyhow::Result<String> {
     let r = client
-        .post(format!("{url}/api/v1/hosts"))
+        .post(format!("{url}/api/v1/hosts/{name}/token"))
         .bearer_auth(admin)
-        .json(
-            &json!({"name": name, "address": host.ip().to_string(), "tags": [tag], "token": true}),
-        )
+        .json(&json!({"address": host.ip().to_string(), "tags": [tag]}))
         .send()
         .await?;
     let status = r.status();
@@ -233,6 +269,7 @@ async fn create_host_token(
         .with_context(|| format!("registering host {name}: no token in {v}"))
 }
 
-fn start_haproxy(_dir: &Path, _hosts: &[TestHost]) -> anyhow::Result<(Child, String)> {
-    bail!("haproxy is not wired yet")
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
 }

@@ -322,7 +322,10 @@ fn inquiry_pauses_until_a_valid_allowed_answer(backend: Backend) {
     let (_, audit) = s.get("/api/v1/audit?limit=100");
     assert!(audit.to_string().contains("inquiry.respond"), "{audit}");
     let out = s.cli(&["inquiry", "list"]);
-    assert!(!String::from_utf8_lossy(&out.stdout).contains(&q), "{out:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(&q),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -386,7 +389,10 @@ fn task_tree_and_tail_of_a_workflow() {
             .is_some_and(|v| v.contains("inner done")),
         "{tree}"
     );
-    assert!(tasks[0]["duration"].as_f64().is_some_and(|d| d >= 1.0), "{tree}");
+    assert!(
+        tasks[0]["duration"].as_f64().is_some_and(|d| d >= 1.0),
+        "{tree}"
+    );
     let inner = &tasks[0]["executions"][0]["workflow"]["tasks"];
     let inner_names: Vec<&str> = inner
         .as_array()
@@ -399,7 +405,10 @@ fn task_tree_and_tail_of_a_workflow() {
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("tasks:"), "{text}");
-    assert!(text.contains("\n  slow ") || text.contains("  slow"), "{text}");
+    assert!(
+        text.contains("\n  slow ") || text.contains("  slow"),
+        "{text}"
+    );
     assert!(text.contains("inner="), "{text}");
     // Not a workflow: no tasks.
     let leaf = tasks[1]["executions"][0]["id"].as_str().expect("id");
@@ -436,8 +445,7 @@ fn task_and_workflow_timeouts() {
     let (_, tree) = s.get(&format!("/api/v1/executions/{id}/tasks"));
     assert_eq!(tree["tasks"][0]["status"], "failed", "{tree}");
     assert_eq!(
-        tree["tasks"][1]["executions"][0]["status"],
-        "canceled",
+        tree["tasks"][1]["executions"][0]["status"], "canceled",
         "{tree}"
     );
 }

@@ -816,7 +816,10 @@ async fn enforce_timeout(engine: &Engine, wf_id: &str) {
         ExecutionStatus::Running | ExecutionStatus::Pausing | ExecutionStatus::Paused
     ) && deadline_passed(&wf)
     {
-        tracing::info!(workflow = wf_id, "workflow ran past its timeout; canceling it");
+        tracing::info!(
+            workflow = wf_id,
+            "workflow ran past its timeout; canceling it"
+        );
         if let Err(e) = Box::pin(engine.cancel(wf_id)).await {
             tracing::warn!(workflow = wf_id, error = %e, "cannot stop a timed-out workflow");
         }
