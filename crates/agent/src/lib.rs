@@ -60,7 +60,7 @@ pub struct Config {
     /// Heartbeat interval.
     pub heartbeat: Duration,
     /// How long a freshly installed version may take to become healthy: the
-    /// check is repeated (every half second) until it passes or this expires.
+    /// check is repeated (every 100 ms) until it passes or this expires.
     pub health_grace: Duration,
 }
 
@@ -318,6 +318,7 @@ impl Agent {
             return status;
         }
         let list = self.cfg.source_list.display().to_string();
+        let t_update = std::time::Instant::now();
         let update = command(
             "apt-get",
             &[
@@ -332,6 +333,10 @@ impl Agent {
         )
         .await;
         output.push_str(&update.1);
+        status
+            .timings_ms
+            .insert("apt_update".into(), t_update.elapsed().as_millis() as u64);
+        let t_install = std::time::Instant::now();
         let install_ok = if update.0 {
             let pkg = format!("{app}={version}");
             let r = command(
@@ -353,6 +358,9 @@ impl Agent {
         } else {
             false
         };
+        status
+            .timings_ms
+            .insert("apt_install".into(), t_install.elapsed().as_millis() as u64);
         status.installed = installed_version(app).await;
         if !install_ok || status.installed.as_deref() != Some(version) {
             status.health = Health::Unknown;
@@ -362,14 +370,18 @@ impl Agent {
             ));
         } else {
             // A service restarted by its postinst needs a moment to listen.
+            let t_health = std::time::Instant::now();
             let deadline = tokio::time::Instant::now() + self.cfg.health_grace;
             let (healthy, out) = loop {
                 let (healthy, out) = self.health_check().await;
                 if healthy || tokio::time::Instant::now() >= deadline {
                     break (healthy, out);
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             };
+            status
+                .timings_ms
+                .insert("health".into(), t_health.elapsed().as_millis() as u64);
             output.push_str(&out);
             status.health = if healthy {
                 Health::Healthy

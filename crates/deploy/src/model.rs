@@ -54,6 +54,11 @@ pub struct AppStatus {
     /// When this status was reported.
     #[serde(default)]
     pub updated_at: Option<DateTime<Utc>>,
+    /// How long the last convergence's steps took, in milliseconds
+    /// (`apt_update`, `apt_install`, `health`), so a deploy's time can be
+    /// split into apt's and Aviary's own.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub timings_ms: BTreeMap<String, u64>,
 }
 
 /// A host in the inventory.

@@ -1466,6 +1466,7 @@ async fn hosts_round_trip_and_reports(h: &Harness) {
             error: None,
             output: "Setting up web (1.0) ...".into(),
             updated_at: Some(now()),
+            timings_ms: Default::default(),
         },
     );
     let at = now();

@@ -49,6 +49,9 @@ pub struct DemoArgs {
     /// Seconds a deploy waits for hosts to report the version installed and healthy.
     #[arg(long, default_value_t = 120)]
     pub deploy_timeout: u32,
+    /// Seconds a new version may take to pass its health check on a host.
+    #[arg(long, default_value_t = 30)]
+    pub health_grace: u32,
     /// Internal: run as the demo's supervisor.
     #[arg(long, hide = true)]
     pub supervise: bool,
@@ -213,6 +216,8 @@ async fn up(args: &DemoArgs) -> anyhow::Result<ExitCode> {
             .arg(args.production_hosts.to_string())
             .arg("--port")
             .arg(args.port.to_string())
+            .arg("--health-grace")
+            .arg(args.health_grace.to_string())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -339,6 +344,9 @@ async fn up(args: &DemoArgs) -> anyhow::Result<ExitCode> {
                 took.as_secs_f64(),
                 started.elapsed().as_secs_f64()
             ));
+            if let Ok(split) = timing_split(&api, &commit, took).await {
+                println!("    {split}");
+            }
             print_next(&ready, dir);
             Ok(ExitCode::SUCCESS)
         }
@@ -534,8 +542,64 @@ async fn follow_pipeline(api: &Api, commit: &str) -> anyhow::Result<Option<Strin
         if t.elapsed() > Duration::from_secs(600) {
             bail!("the pipeline did not reach the canary within 10 minutes");
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Where the time from push to healthy canaries went: the app's own scripts
+/// (cisetup, cibuild), git, apt/dpkg on the canaries, the app's start and
+/// health check, and the rest: Aviary's own work (webhook, rules, workflows,
+/// packaging, publishing, notifying the agents).
+pub async fn timing_split(api: &Api, commit: &str, total: Duration) -> anyhow::Result<String> {
+    let list = api.get("/api/v1/executions?limit=100").await?;
+    let execs = list.as_array().cloned().unwrap_or_default();
+    let build = execs
+        .iter()
+        .find(|e| {
+            e["action"] == "core.ci_build" && belongs_to(e, commit) && e["status"] == "succeeded"
+        })
+        .context("no successful CI build for the commit")?;
+    let mut scripts = 0u64;
+    let mut git_ms = 0u64;
+    for s in build["result"]["steps"].as_array().into_iter().flatten() {
+        let ms = s["duration_ms"].as_u64().unwrap_or(0);
+        match s["name"].as_str().unwrap_or_default() {
+            "cisetup" | "cibuild" => scripts += ms,
+            n if n.starts_with("git") => git_ms += ms,
+            _ => {}
+        }
+    }
+    let hosts = api.get("/api/v1/hosts").await?;
+    let (mut apt, mut health) = (0u64, 0u64);
+    for h in hosts.as_array().into_iter().flatten() {
+        let canary = h["tags"].as_array().is_some_and(|t| {
+            t.iter()
+                .any(|t| t.as_str() == Some(&format!("{APP}::app_canary")))
+        });
+        if !canary {
+            continue;
+        }
+        let t = &h["apps"][APP]["timings_ms"];
+        let a = t["apt_update"].as_u64().unwrap_or(0) + t["apt_install"].as_u64().unwrap_or(0);
+        apt = apt.max(a);
+        health = health.max(t["health"].as_u64().unwrap_or(0));
+    }
+    let total_ms = total.as_millis() as u64;
+    let own = total_ms.saturating_sub(scripts + git_ms + apt + health);
+    let pct = |v: u64| 100.0 * v as f64 / total_ms.max(1) as f64;
+    Ok(format!(
+        "time split: your scripts {:.2} s ({:.0}%), apt/dpkg {:.2} s ({:.0}%), app start + health {:.2} s ({:.0}%), git {:.2} s ({:.0}%), Aviary {:.2} s ({:.0}%)",
+        scripts as f64 / 1000.0,
+        pct(scripts),
+        apt as f64 / 1000.0,
+        pct(apt),
+        health as f64 / 1000.0,
+        pct(health),
+        git_ms as f64 / 1000.0,
+        pct(git_ms),
+        own as f64 / 1000.0,
+        pct(own),
+    ))
 }
 
 fn belongs_to(e: &Value, commit: &str) -> bool {

@@ -144,6 +144,8 @@ async fn start(dir: &Path, args: &DemoArgs, running: &mut Running) -> anyhow::Re
             .arg(&tag)
             .arg("--health-url")
             .arg(format!("http://127.0.0.1:{APP_PORT}/health"))
+            .arg("--health-grace")
+            .arg(args.health_grace.to_string())
             .env("AVIARY_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(
