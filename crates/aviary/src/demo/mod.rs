@@ -396,7 +396,7 @@ fn print_next(ready: &Ready, dir: &Path) {
     }
     println!(
         "\nWhat to try next:\n  aviary promote {APP}                # production takes exactly what the canary runs\n  \
-         cd {work} && echo 'raise SystemExit(1)' >> test_app.py && git commit -qam broken && git push -q\n                                     # CI stops a broken commit: nothing is deployed\n  \
+         cd {work} && sed -i s/assertTrue/assertFalse/ test_app.py && git commit -qam broken && git push -q\n                                     # CI stops a broken commit: nothing is deployed\n  \
          aviary rollback {APP}               # canaries back to production's version\n  \
          aviary demo                         # push another commit through the pipeline\n  \
          aviary demo --down                  # remove everything the demo made",

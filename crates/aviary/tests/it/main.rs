@@ -13,6 +13,7 @@ mod durability;
 mod githook;
 mod jenkins;
 mod packs;
+mod pipeline;
 mod webhooks;
 mod workflow_ops;
 mod workflows;

@@ -9,8 +9,8 @@ class AppTest(unittest.TestCase):
     def test_name(self):
         self.assertEqual(app.NAME, "hello-aviary")
 
-    def test_healthy_by_default(self):
-        self.assertTrue(app.healthy())
+    def test_version_is_text(self):
+        self.assertTrue(isinstance(app.version(), str))
 
 
 if __name__ == "__main__":
