@@ -798,8 +798,11 @@ impl Repository {
             Ok(b) => serde_json::from_slice(&b)
                 .or_else(|_| {
                     // The older format: file lists without times.
-                    serde_json::from_slice::<Vec<Vec<String>>>(&b)
-                        .map(|v| v.into_iter().map(|files| Generation { at: 0, files }).collect())
+                    serde_json::from_slice::<Vec<Vec<String>>>(&b).map(|v| {
+                        v.into_iter()
+                            .map(|files| Generation { at: 0, files })
+                            .collect()
+                    })
                 })
                 .unwrap_or_default(),
             Err(_) => Vec::new(),
