@@ -51,6 +51,10 @@ pub struct CiConfig {
     /// Which phase of a Jenkins Notification plugin payload emits
     /// `aviary.ci.build`: `completed` (default) or `finalized`.
     pub jenkins_emit_on: Option<String>,
+    /// Folders under which `core.deb_build` and `core.apt_publish` may read
+    /// and write (absolute; default `<data dir>/packages`). Anything else is
+    /// refused: a path from an event must not publish arbitrary files.
+    pub package_paths: Option<Vec<PathBuf>>,
 }
 
 /// Settings of the server's APT repository (`<data dir>/apt`).
@@ -296,6 +300,17 @@ impl ServerConfig {
                 p.clone(),
                 "must be `completed` or `finalized`",
             ));
+        }
+        if let Some(paths) = &ci.package_paths {
+            for p in paths {
+                if !p.is_absolute() {
+                    return Err(invalid(
+                        "ci.package_paths",
+                        p.display().to_string(),
+                        "must be absolute folders",
+                    ));
+                }
+            }
         }
         let apt = file.apt.unwrap_or_default();
         if let Some(n) = apt.keep_versions

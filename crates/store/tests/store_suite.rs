@@ -142,6 +142,7 @@ both_backends!(
     versions_change_only_by_policy_with_history,
     concurrent_promotions_apply_once,
     deploy_locks_are_exclusive_and_recovered,
+    output_is_deleted_per_execution,
 );
 
 // ---------------------------------------------------------------- builders
@@ -859,6 +860,37 @@ async fn output_appends_and_tails(h: &Harness) {
     assert!(s.get_output("x1", 3).await.unwrap().is_empty());
     assert_eq!(s.get_output("x2", -1).await.unwrap().len(), 1);
     assert!(s.get_output("none", 0).await.unwrap().is_empty());
+}
+
+async fn output_is_deleted_per_execution(h: &Harness) {
+    let s = &h.store;
+    let t = now();
+    let chunk = |id: &str, seq: i64| OutputChunk {
+        execution_id: id.to_string(),
+        seq,
+        stream: "stdout".to_string(),
+        data: format!("{id} line {seq}\n"),
+        at: t,
+    };
+    s.append_output(vec![
+        chunk("d1", 1),
+        chunk("d1", 2),
+        chunk("d2", 1),
+        chunk("d3", 1),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(s.delete_output(&[]).await.unwrap(), 0);
+    let n = s
+        .delete_output(&["d1".to_string(), "d3".to_string(), "missing".to_string()])
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    assert!(s.get_output("d1", 0).await.unwrap().is_empty());
+    assert!(s.get_output("d3", 0).await.unwrap().is_empty());
+    assert_eq!(s.get_output("d2", 0).await.unwrap(), vec![chunk("d2", 1)]);
+    // Deleting again is a no-op.
+    assert_eq!(s.delete_output(&["d1".to_string()]).await.unwrap(), 0);
 }
 
 async fn kv_scopes_ttl_prefix_delete_purge(h: &Harness) {

@@ -150,12 +150,28 @@ fn ci_package_failures_say_where_and_clean_up() {
 
 #[test]
 fn deb_build_and_concurrent_apt_publish_actions() {
-    let s = Server::start(Backend::Sqlite, &[]);
     let tmp = tempfile::tempdir().expect("tmp");
-    let out = tmp.path().join("out");
+    let config = tmp.path().join("aviary.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "ci:\n  package_paths: [{}]\n",
+            tmp.path().join("work").display()
+        ),
+    )
+    .expect("config");
+    let s = Server::start_with(
+        Backend::Sqlite,
+        &[],
+        &["--config", config.to_str().expect("path")],
+    );
+    let tmp_root = tmp.path().join("work");
+    std::fs::create_dir_all(&tmp_root).expect("mkdir");
+    let tmp = &tmp_root;
+    let out = tmp.join("out");
     let mut debs = Vec::new();
     for i in 0..4 {
-        let src = tmp.path().join(format!("app{i}"));
+        let src = tmp.join(format!("app{i}"));
         write(
             &src.join("fpm.json"),
             &format!(r#"{{"name": "conc{i}", "version": "1.0.{i}"}}"#),
@@ -177,17 +193,38 @@ fn deb_build_and_concurrent_apt_publish_actions() {
         assert!(Path::new(&path).exists());
         debs.push(path);
     }
-    // Relative paths are refused with the parameter named.
+    // Relative paths, paths outside ci.package_paths (also through a link
+    // or `..`) are refused with the parameter named.
+    std::os::unix::fs::symlink(s.data_dir(), tmp.join("escape")).expect("symlink");
+    for (path, why) in [
+        ("app0".to_string(), "absolute"),
+        (s.data_dir().display().to_string(), "outside"),
+        (tmp.join("../..").display().to_string(), "outside"),
+        (tmp.join("escape").display().to_string(), "link"),
+    ] {
+        let bad = run(
+            &s,
+            "core.deb_build",
+            json!({"path": path, "out_dir": out.display().to_string()}),
+        );
+        assert_eq!(bad["status"], "failed");
+        assert!(
+            bad["result"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("'path'") && e.contains(why)),
+            "{path}: {bad}"
+        );
+    }
     let bad = run(
         &s,
-        "core.deb_build",
-        json!({"path": "app0", "out_dir": out.display().to_string()}),
+        "core.apt_publish",
+        json!({"debs": [s.data_dir().join("admin.token").display().to_string()]}),
     );
     assert_eq!(bad["status"], "failed");
     assert!(
         bad["result"]["error"]
             .as_str()
-            .is_some_and(|e| e.contains("'path'") && e.contains("absolute")),
+            .is_some_and(|e| e.contains("debs[0]") && e.contains("outside")),
         "{bad}"
     );
 
@@ -220,7 +257,7 @@ fn deb_build_and_concurrent_apt_publish_actions() {
     }
 
     // Retention: keep_versions=2 drops the oldest of three versions.
-    let src = tmp.path().join("app0");
+    let src = tmp.join("app0");
     let mut versions = Vec::new();
     for build in ["2", "3"] {
         let b = run(

@@ -15,14 +15,16 @@
 //! * Incremental: the index state is an append-only log (see `state`), and the
 //!   `Packages.gz` is a concatenation of per-chunk gzip members cached in
 //!   memory, so one add to a large repository recompresses one chunk.
-//!   `Packages.xz` is one stream (apt 2.6 stops after the first xz stream),
-//!   recompressed whole at a fast preset.
+//!   `Packages.xz` must be one stream (apt 2.6 stops after the first xz
+//!   stream): it is assembled from per-chunk xz blocks cached in memory with
+//!   a new stream index (see `xzblocks`), so it too recompresses one chunk.
 
 mod debfile;
 mod error;
 mod sign;
 mod state;
 mod version;
+mod xzblocks;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -40,6 +42,9 @@ pub use sign::SigningKey;
 pub use version::compare_versions;
 
 use state::{Entry, State};
+
+/// Most index generations whose by-hash files are kept, whatever their age.
+pub const MAX_BY_HASH_GENERATIONS: usize = 32;
 
 /// Name of the private state directory under the repository root.
 pub const STATE_DIR: &str = ".aviary-state";
@@ -63,16 +68,22 @@ pub struct RepoConfig {
     pub valid_for: Option<Duration>,
     /// Index generations whose by-hash files are kept (current included). Default 2.
     pub by_hash_generations: usize,
-    /// xz preset of `Packages.xz` (0..=9). Default 0: the xz file is one
-    /// stream recompressed whole on every publish (apt 2.6 reads only the first
-    /// stream of a multi-stream file), 0.3 s at 10,000 packages, 1.1 s at preset 1.
+    /// Older generations are kept too until the generation that replaced
+    /// them is this old, so a client that read an InRelease just before a
+    /// burst of publishes still finds its indexes (at most
+    /// [`MAX_BY_HASH_GENERATIONS`] are kept). Default 60 s.
+    pub by_hash_min_age: Duration,
+    /// xz preset of the blocks of `Packages.xz` (0..=9). Default 0: only the
+    /// changed chunk is compressed on a publish, but a new handle compresses
+    /// every chunk once.
     pub xz_preset: u32,
     /// Whether to write `Packages.xz` at all (apt falls back to `.gz`). Default true.
     pub write_xz: bool,
     /// User ID of a generated signing key.
     pub key_user_id: String,
     /// Sequence numbers per compressed chunk of a Packages file (each chunk is
-    /// one gzip member, recompressed only when it changes). Default 512.
+    /// one gzip member and one xz block, recompressed only when it changes).
+    /// Default 128.
     pub index_chunk: u64,
 }
 
@@ -87,10 +98,11 @@ impl Default for RepoConfig {
             keep_versions: 5,
             valid_for: Some(Duration::from_secs(30 * 86_400)),
             by_hash_generations: 2,
+            by_hash_min_age: Duration::from_secs(60),
             xz_preset: 0,
             write_xz: true,
             key_user_id: "Aviary repository signing key <apt@aviary.invalid>".into(),
-            index_chunk: 512,
+            index_chunk: 128,
         }
     }
 }
@@ -129,10 +141,38 @@ pub struct PublishReport {
     pub published: Vec<String>,
 }
 
-/// Compressed form of one chunk of stanzas (one gzip member).
+/// Compressed forms of one chunk of stanzas: one gzip member, one xz block.
 struct Chunk {
     seqs: Vec<u64>,
     gz: Vec<u8>,
+    xz: Option<xzblocks::Block>,
+    /// Digests of the Packages, Packages.gz and Packages.xz prefixes ending
+    /// with this chunk, valid while the chunk before it is `after_prev` and
+    /// unchanged (so an append re-hashes only the last chunk).
+    after: Option<Box<[Digests; 3]>>,
+    after_prev: Option<u64>,
+}
+
+/// SHA-256 and MD5 of a byte stream, resumable (the states are cloned).
+#[derive(Clone, Default)]
+struct Digests {
+    sha256: sha2::Sha256,
+    md5: md5::Md5,
+}
+
+impl Digests {
+    fn update(&mut self, data: &[u8]) {
+        self.sha256.update(data);
+        self.md5.update(data);
+    }
+
+    /// (sha256, md5) in lowercase hex.
+    fn hex(&self) -> (String, String) {
+        (
+            hex::encode(self.sha256.clone().finalize()),
+            hex::encode(self.md5.clone().finalize()),
+        )
+    }
 }
 
 /// In-process caches, valid while the log is unchanged or only appended to.
@@ -157,6 +197,15 @@ impl std::fmt::Debug for Repository {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
+}
+
+/// The by-hash files of one publication, and when it happened.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Generation {
+    /// Seconds since the epoch.
+    at: u64,
+    /// `<dir>/<name>/<sha256>` of every index.
+    files: Vec<String>,
 }
 
 /// An index file written for a Release.
@@ -340,11 +389,21 @@ impl Repository {
         let (mut cache, _lock) = self.lock()?;
         self.refresh(&mut cache)?;
         let mut report = PublishReport::default();
+        // Only the entries that can collide with the new packages: one pass,
+        // no map of the whole repository.
+        let names: std::collections::HashSet<&str> =
+            infos.iter().map(|(_, i)| i.name.as_str()).collect();
+        let pool_files: std::collections::HashSet<String> =
+            infos.iter().map(|(_, i)| pool_path(component, i)).collect();
         let mut by_file: HashMap<&str, &Entry> = HashMap::new();
         let mut by_key: HashMap<(&str, &str, &str, &str, &str), &Entry> = HashMap::new();
         for e in cache.state.entries.values() {
-            by_file.insert(&e.filename, e);
-            by_key.insert((&e.suite, &e.component, &e.name, &e.version, &e.arch), e);
+            if pool_files.contains(e.filename.as_str()) {
+                by_file.insert(&e.filename, e);
+            }
+            if names.contains(e.name.as_str()) {
+                by_key.insert((&e.suite, &e.component, &e.name, &e.version, &e.arch), e);
+            }
         }
         let mut added: Vec<Entry> = Vec::new();
         let mut new_files: HashMap<String, String> = HashMap::new();
@@ -613,8 +672,14 @@ impl Repository {
                             .push(e.seq);
                     }
                 }
+                let write_xz = self.config.write_xz;
                 let mut plain = Vec::new();
                 let mut gz = Vec::new();
+                let mut xz_keys = Vec::new();
+                let mut d = [Digests::default(), Digests::default(), Digests::default()];
+                d[2].update(&xzblocks::header());
+                let mut chain_ok = true;
+                let mut prev: Option<u64> = None;
                 for (id, seqs) in chunks {
                     let key = (suite.to_string(), component.clone(), arch.clone(), id);
                     let start = plain.len();
@@ -624,39 +689,78 @@ impl Repository {
                             plain.push(b'\n');
                         }
                     }
-                    let fresh = cache.chunks.get(&key).is_some_and(|c| c.seqs == seqs);
+                    let fresh = cache
+                        .chunks
+                        .get(&key)
+                        .is_some_and(|c| c.seqs == seqs && c.xz.is_some() == write_xz);
                     if !fresh {
                         let text = &plain[start..];
                         let chunk = Chunk {
                             gz: gzip(text).map_err(AptError::io("compressing", &abs))?,
+                            xz: if write_xz {
+                                Some(
+                                    xzblocks::compress_block(text, self.config.xz_preset)
+                                        .map_err(AptError::io("compressing", &abs))?,
+                                )
+                            } else {
+                                None
+                            },
                             seqs,
+                            after: None,
+                            after_prev: None,
                         };
                         cache.chunks.insert(key.clone(), chunk);
                     }
-                    if let Some(c) = cache.chunks.get(&key) {
-                        gz.extend_from_slice(&c.gz);
+                    let Some(c) = cache.chunks.get_mut(&key) else {
+                        continue;
+                    };
+                    gz.extend_from_slice(&c.gz);
+                    if c.xz.is_some() {
+                        xz_keys.push(key.clone());
                     }
+                    match &c.after {
+                        Some(after) if chain_ok && fresh && c.after_prev == prev => {
+                            d = (**after).clone();
+                        }
+                        _ => {
+                            chain_ok = false;
+                            d[0].update(&plain[start..]);
+                            d[1].update(&c.gz);
+                            if let Some(b) = &c.xz {
+                                d[2].update(b.bytes());
+                            }
+                            c.after = Some(Box::new(d.clone()));
+                            c.after_prev = prev;
+                        }
+                    }
+                    prev = Some(id);
                     live_chunks.insert(key);
                 }
                 if plain.is_empty() {
                     gz = gzip(b"").map_err(AptError::io("compressing", &abs))?;
+                    d[1] = Digests::default();
+                    d[1].update(&gz);
                 }
                 // apt 2.6 reads only the first stream of a multi-stream xz
-                // file (checked: hash sum mismatch), so xz is one stream.
-                let xz = if self.config.write_xz {
-                    Some(
-                        xz_compress(&plain, self.config.xz_preset)
-                            .map_err(AptError::io("compressing", &abs))?,
-                    )
+                // file (checked: hash sum mismatch), so xz is one stream of
+                // the chunks' cached blocks with a new index.
+                let xz = if write_xz {
+                    let blocks: Vec<&xzblocks::Block> = xz_keys
+                        .iter()
+                        .filter_map(|k| cache.chunks.get(k).and_then(|c| c.xz.as_ref()))
+                        .collect();
+                    d[2].update(&xzblocks::trailer(&blocks));
+                    Some(xzblocks::assemble(&blocks))
                 } else {
                     None
                 };
-                let mut outputs = vec![("Packages", &plain), ("Packages.gz", &gz)];
+                let [d_plain, d_gz, d_xz] = d;
+                let mut outputs = vec![("Packages", &plain, d_plain), ("Packages.gz", &gz, d_gz)];
                 if let Some(xz) = &xz {
-                    outputs.push(("Packages.xz", xz));
+                    outputs.push(("Packages.xz", xz, d_xz));
                 }
-                for (name, data) in outputs {
-                    let sha256 = hex::encode(sha2::Sha256::digest(data));
+                for (name, data, digests) in outputs {
+                    let (sha256, md5) = digests.hex();
                     let by_hash = hash_dir.join(&sha256);
                     if !by_hash.exists() {
                         write_atomic(&by_hash, data)?;
@@ -668,7 +772,7 @@ impl Repository {
                     files.push(IndexFile {
                         rel: format!("{dir}/{name}"),
                         size: data.len() as u64,
-                        md5: hex::encode(md5::Md5::digest(data)),
+                        md5,
                         sha256,
                     });
                 }
@@ -690,21 +794,47 @@ impl Repository {
     /// Deletes by-hash files older than the kept generations.
     fn prune_by_hash(&self, suite: &str, files: &[IndexFile]) -> Result<(), AptError> {
         let path = self.state_path(&format!("by-hash-{suite}.json"));
-        let mut generations: Vec<Vec<String>> = match fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
+        let mut generations: Vec<Generation> = match fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .or_else(|_| {
+                    // The older format: file lists without times.
+                    serde_json::from_slice::<Vec<Vec<String>>>(&b).map(|v| {
+                        v.into_iter()
+                            .map(|files| Generation { at: 0, files })
+                            .collect()
+                    })
+                })
+                .unwrap_or_default(),
             Err(_) => Vec::new(),
         };
-        generations.push(
-            files
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        generations.push(Generation {
+            at: now,
+            files: files
                 .iter()
                 .map(|f| format!("{}/{}", f.rel, f.sha256))
                 .collect(),
-        );
-        let excess = generations
-            .len()
-            .saturating_sub(self.config.by_hash_generations);
-        generations.drain(..excess);
-        let keep: BTreeSet<&str> = generations.iter().flatten().map(String::as_str).collect();
+        });
+        // A client may have read the InRelease of a generation until the
+        // next one was published, and then fetches its indexes: a
+        // generation goes only when enough newer ones exist and the one
+        // that superseded it is older than `by_hash_min_age` (or a burst of
+        // publishes exceeds `MAX_BY_HASH_GENERATIONS`: disk is bounded).
+        let min_age = self.config.by_hash_min_age.as_secs();
+        while generations.len() > self.config.by_hash_generations
+            && (now.saturating_sub(generations[1].at) >= min_age
+                || generations.len() > MAX_BY_HASH_GENERATIONS)
+        {
+            generations.remove(0);
+        }
+        let keep: BTreeSet<&str> = generations
+            .iter()
+            .flat_map(|g| g.files.iter())
+            .map(String::as_str)
+            .collect();
         let dists = self.dists(suite);
         let mut dirs: BTreeSet<&str> = BTreeSet::new();
         for f in files {
@@ -712,6 +842,7 @@ impl Repository {
                 dirs.insert(dir);
             }
         }
+        let mut doomed = Vec::new();
         for dir in dirs {
             let hash_dir = dists.join(dir).join("by-hash").join("SHA256");
             let rd = fs::read_dir(&hash_dir).map_err(AptError::io("listing", &hash_dir))?;
@@ -722,10 +853,29 @@ impl Repository {
                     .iter()
                     .any(|n| keep.contains(format!("{dir}/{n}/{name}").as_str()));
                 if !kept {
-                    let p = ent.path();
-                    fs::remove_file(&p).map_err(AptError::io("removing", &p))?;
+                    doomed.push(ent.path());
                 }
             }
+        }
+        // Unlinking megabytes of old indexes is the slowest part of a small
+        // publish and nothing waits for it: the files are renamed into the
+        // private trash at once (so a later publish of the same content
+        // writes its file anew), and a thread unlinks them; what it leaves
+        // (e.g. at exit) the next prune empties.
+        if !doomed.is_empty() {
+            let trash = self.state_path("trash");
+            fs::create_dir_all(&trash).map_err(AptError::io("creating", &trash))?;
+            for p in doomed {
+                let to = trash.join(format!("{:016x}", rand::random::<u64>()));
+                fs::rename(&p, &to).map_err(AptError::io("moving to the trash", &p))?;
+            }
+            std::thread::spawn(move || {
+                if let Ok(rd) = fs::read_dir(&trash) {
+                    for ent in rd.flatten() {
+                        let _ = fs::remove_file(ent.path());
+                    }
+                }
+            });
         }
         let json = serde_json::to_vec(&generations).map_err(|e| AptError::State {
             path: path.clone(),
@@ -852,12 +1002,6 @@ fn gzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
         Vec::with_capacity(data.len() / 4 + 64),
         flate2::Compression::new(6),
     );
-    enc.write_all(data)?;
-    enc.finish()
-}
-
-fn xz_compress(data: &[u8], preset: u32) -> std::io::Result<Vec<u8>> {
-    let mut enc = liblzma::write::XzEncoder::new(Vec::with_capacity(data.len() / 4 + 64), preset);
     enc.write_all(data)?;
     enc.finish()
 }

@@ -7,7 +7,10 @@
 //!   here because the repository lives under the server's data dir: one
 //!   shared [`Repository`] keeps the index state in memory, and its lock
 //!   (a mutex and an `flock`) makes concurrent publishes safe, also against
-//!   `aviary apt` commands.
+//!   `aviary apt` commands. The folders `deb-build` and `apt-publish` use
+//!   must lie under `ci.package_paths` (default `<data dir>/packages`),
+//!   symlinks resolved: event data cannot make the server package and
+//!   publish (to the unauthenticated `/apt/`) arbitrary files.
 //! - The CI concurrency limit (`ci.max_concurrent`): a semaphore that
 //!   `ci-build` executions wait for in the queue (status `scheduled`, no
 //!   worker held).
@@ -125,22 +128,79 @@ fn text<'a>(req: &'a RunRequest, name: &str) -> Option<&'a str> {
         .filter(|s| !s.is_empty())
 }
 
-/// An absolute path parameter.
-fn abs_path(req: &RunRequest, name: &str) -> Result<PathBuf, RunOutcome> {
+/// The folders packaging steps may use (`ci.package_paths`).
+fn package_roots(engine: &Engine) -> Vec<PathBuf> {
+    engine
+        .config
+        .ci
+        .package_paths
+        .clone()
+        .unwrap_or_else(|| vec![engine.config.data_dir.join("packages")])
+}
+
+/// A path parameter that must be absolute and, once symlinks are resolved,
+/// inside one of the package roots. `create`: make the folder first (only
+/// after a lexical check, so nothing is created outside the roots).
+fn rooted_path(
+    engine: &Engine,
+    req: &RunRequest,
+    name: &str,
+    value: &str,
+    create: bool,
+) -> Result<PathBuf, RunOutcome> {
+    let roots = package_roots(engine);
+    let refuse = |why: &str| {
+        failed(format!(
+            "action {}: parameter '{name}' ('{value}') {why}; packaging steps only use folders under {} (set ci.package_paths in the configuration)",
+            req.action_ref,
+            roots
+                .iter()
+                .map(|r| r.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    };
+    let path = PathBuf::from(value);
+    if !path.is_absolute() {
+        return Err(refuse("must be an absolute path on the server"));
+    }
+    if path
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+        || !roots.iter().any(|r| path.starts_with(r))
+    {
+        return Err(refuse("is outside the allowed folders"));
+    }
+    if create {
+        std::fs::create_dir_all(&path).map_err(|e| refuse(&format!("cannot be created: {e}")))?;
+    }
+    let real = path
+        .canonicalize()
+        .map_err(|e| refuse(&format!("cannot be read: {e}")))?;
+    let inside = roots
+        .iter()
+        .filter_map(|r| r.canonicalize().ok())
+        .any(|r| real.starts_with(&r));
+    if !inside {
+        return Err(refuse("leads outside the allowed folders (through a link)"));
+    }
+    Ok(real)
+}
+
+/// A required path parameter, see [`rooted_path`].
+fn abs_path(
+    engine: &Engine,
+    req: &RunRequest,
+    name: &str,
+    create: bool,
+) -> Result<PathBuf, RunOutcome> {
     let p = text(req, name).ok_or_else(|| {
         failed(format!(
             "action {}: parameter '{name}' is required",
             req.action_ref
         ))
     })?;
-    let path = PathBuf::from(p);
-    if !path.is_absolute() {
-        return Err(failed(format!(
-            "action {}: parameter '{name}' must be an absolute path on the server, got '{p}'",
-            req.action_ref
-        )));
-    }
-    Ok(path)
+    rooted_path(engine, req, name, p, create)
 }
 
 /// Compression from `compression` and `level`.
@@ -224,7 +284,7 @@ pub async fn run(
         .unwrap_or(req.timeout);
     let work = async {
         match req.runner_type.as_str() {
-            DEB_BUILD => deb_build(&req, &output, &cancel).await,
+            DEB_BUILD => deb_build(engine, &req, &output, &cancel).await,
             APT_PUBLISH => apt_publish(engine, &req, &output, &cancel).await,
             CI_PACKAGE => ci_package(engine, &req, &output, &cancel).await,
             other => Err(failed(format!(
@@ -253,12 +313,13 @@ pub async fn run(
 }
 
 async fn deb_build(
+    engine: &Engine,
     req: &RunRequest,
     output: &UnboundedSender<OutputEvent>,
     cancel: &CancellationToken,
 ) -> Result<Value, RunOutcome> {
-    let path = abs_path(req, "path")?;
-    let out_dir = abs_path(req, "out_dir")?;
+    let path = abs_path(engine, req, "path", false)?;
+    let out_dir = abs_path(engine, req, "out_dir", true)?;
     let mut build = BuildRequest::new(&path, &out_dir);
     build.build_number = build_number(req);
     build.commit = text(req, "commit").map(str::to_string);
@@ -349,12 +410,11 @@ async fn apt_publish(
         Some(Value::Array(items)) if !items.is_empty() => {
             let mut out = Vec::new();
             for (i, v) in items.iter().enumerate() {
-                let p = v.as_str().map(PathBuf::from).filter(|p| p.is_absolute());
-                match p {
-                    Some(p) => out.push(p),
+                match v.as_str() {
+                    Some(p) => out.push(rooted_path(engine, req, &format!("debs[{i}]"), p, false)?),
                     None => {
                         return Err(failed(format!(
-                            "action {}: debs[{i}] must be an absolute path of a .deb on the server, got {v}",
+                            "action {}: debs[{i}] must be the path of a .deb on the server, got {v}",
                             req.action_ref
                         )));
                     }
@@ -362,7 +422,7 @@ async fn apt_publish(
             }
             out
         }
-        Some(Value::String(s)) if Path::new(s).is_absolute() => vec![PathBuf::from(s)],
+        Some(Value::String(s)) => vec![rooted_path(engine, req, "debs", s, false)?],
         _ => {
             return Err(failed(format!(
                 "action {}: parameter 'debs' must list the .deb files to publish (absolute paths)",
