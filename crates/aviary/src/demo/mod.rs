@@ -41,7 +41,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 2)]
     pub production_hosts: u8,
     /// Port of the demo's Aviary server.
-    #[arg(long, default_value_t = 9700)]
+    #[arg(long, default_value_t = 9710)]
     pub port: u16,
     /// Post each stage's outcome to this Slack-compatible incoming webhook.
     #[arg(long)]
