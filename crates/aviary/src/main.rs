@@ -2,6 +2,10 @@
 //! validate` checks packs offline, every other command is an API client
 //! (see the aviary-cli crate). This file only parses arguments and dispatches.
 
+mod demo;
+mod git_hook;
+mod haproxy;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -34,8 +38,52 @@ enum Top {
     /// Work with Orquesta workflows offline.
     #[command(subcommand)]
     Workflow(WorkflowCommand),
+    /// A git post-receive hook that sends pushes to Aviary like GitHub's webhook.
+    #[command(subcommand)]
+    GitHook(git_hook::GitHookCommand),
+    /// The pipeline on this machine in one command: server, hosts, a sample app, a push.
+    Demo(demo::DemoArgs),
+    /// haproxy in front of each app's production and canary pools, following the inventory.
+    #[command(subcommand)]
+    Haproxy(haproxy::HaproxyCommand),
+    /// Run the host agent: register, watch advertised versions, converge with apt-get.
+    Agent(AgentArgs),
     #[command(flatten)]
     Client(aviary_cli::Command),
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Server base URL.
+    #[arg(long, env = "AVIARY_SERVER")]
+    server: String,
+    /// The host's agent token (`aviary host token create HOST`).
+    #[arg(long, env = "AVIARY_AGENT_TOKEN", hide_env_values = true)]
+    token: String,
+    /// A tag this host carries: APP::ROLE or APP::ROLE_canary (repeatable).
+    #[arg(long = "tag", required = true)]
+    tags: Vec<String>,
+    /// Address to register for this host.
+    #[arg(long)]
+    address: Option<String>,
+    /// Health check URL (2xx is healthy).
+    #[arg(long)]
+    health_url: Option<String>,
+    /// Health check command and arguments (exit 0 is healthy), e.g. `--health-cmd /usr/bin/test -- -e /opt/web`.
+    #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+    health_cmd: Vec<String>,
+    /// Heartbeat interval in seconds.
+    #[arg(long, default_value_t = 10)]
+    heartbeat: u64,
+    /// Seconds a new version may take to pass its health check after the install.
+    #[arg(long, default_value_t = 30)]
+    health_grace: u64,
+    /// APT suite of the server's repository.
+    #[arg(long, default_value = "stable")]
+    suite: String,
+    /// APT component.
+    #[arg(long, default_value = "main")]
+    component: String,
 }
 
 #[derive(clap::Args)]
@@ -261,6 +309,10 @@ fn main() -> ExitCode {
                 .await
             }
             Top::Workflow(WorkflowCommand::Rehearse { specs }) => rehearse(&specs),
+            Top::GitHook(cmd) => git_hook::run(cmd).await,
+            Top::Demo(args) => demo::run(args).await,
+            Top::Haproxy(cmd) => haproxy::run(cmd, cli.global).await,
+            Top::Agent(args) => agent(args).await,
             Top::Apt(cmd) => apt(cmd, cli.global.json),
             Top::Package(args) => package(args, cli.global.json),
             Top::Client(cmd) => client(cli.global, cmd).await,
@@ -273,6 +325,19 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    let mut cfg = aviary_agent::Config::new(&args.server, &args.token, args.tags);
+    cfg.address = args.address;
+    cfg.health_url = args.health_url;
+    cfg.health_cmd = args.health_cmd;
+    cfg.heartbeat = std::time::Duration::from_secs(args.heartbeat.max(1));
+    cfg.health_grace = std::time::Duration::from_secs(args.health_grace);
+    cfg.suite = args.suite;
+    cfg.component = args.component;
+    aviary_agent::run(cfg).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn package(args: PackageArgs, json: bool) -> anyhow::Result<ExitCode> {

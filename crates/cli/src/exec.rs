@@ -15,7 +15,7 @@ use crate::client::ApiClient;
 use crate::error::{CliError, EXIT_FAILED, EXIT_OK};
 use crate::format::{self, Table};
 use crate::sse::SseParser;
-use crate::{Console, ExecutionCmd, RunArgs};
+use crate::{Console, ExecutionCmd, InquiryCmd, RunArgs};
 
 /// How often the polling fallback asks for news.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -127,6 +127,24 @@ pub(crate) async fn run_action(
         print_summary(&exec, follower.printed_any, console)?;
     }
     Ok(exit_for(exec.status))
+}
+
+/// Follows a just-created execution to its end, printing its output live
+/// (not with `--json`); returns it.
+pub(crate) async fn follow_created(
+    api: &ApiClient,
+    id: &str,
+    console: &mut Console<'_>,
+) -> Result<(Execution, Value), CliError> {
+    let show = if console.json {
+        Show::Nothing
+    } else {
+        Show::Raw
+    };
+    let mut follower = Follower::new(id, show);
+    let done = follower.follow(api, console).await?;
+    follower.end_line(console)?;
+    Ok(done)
 }
 
 fn print_summary(
@@ -370,6 +388,20 @@ pub(crate) async fn execution(
             }
             let e: Execution = api.decode(body, "the execution")?;
             console.print(&describe_execution(&e, console.color))?;
+            if e.runner == "orquesta" {
+                let tree = api.get(&["executions", &id, "tasks"], &[]).await?;
+                let mut t = Table::new(&[
+                    "task",
+                    "status",
+                    "started",
+                    "duration",
+                    "execution",
+                    "published",
+                ]);
+                task_rows(&tree, 0, &mut t);
+                console.print("tasks:\n")?;
+                print_table(console, &t, "no task started yet")?;
+            }
             Ok(EXIT_OK)
         }
         ExecutionCmd::Tail { id } => {
@@ -381,6 +413,9 @@ pub(crate) async fn execution(
             };
             let mut f = Follower::new(&id, mode);
             let (exec, _) = f.get(api).await?;
+            if exec.runner == "orquesta" {
+                return tail_workflow(api, &id, console).await;
+            }
             let exec = if exec.status.is_terminal() {
                 f.backfill(api, console).await?;
                 exec
@@ -410,6 +445,260 @@ pub(crate) async fn execution(
                 "execution {}: {}\n",
                 e.id,
                 format::status(e.status, console.color)
+            ))?;
+            Ok(EXIT_OK)
+        }
+        ExecutionCmd::Pause { id } => pause_resume(api, &id, "pause", console).await,
+        ExecutionCmd::Resume { id } => pause_resume(api, &id, "resume", console).await,
+    }
+}
+
+/// A task execution followed by [`tail_workflow`].
+#[derive(Default)]
+struct TaskTail {
+    last_seq: Option<i64>,
+    partial: String,
+    ended: bool,
+}
+
+/// Leaf executions of a task tree: (execution id, label, status, is workflow).
+fn tree_leaves(tree: &Value, prefix: &str, out: &mut Vec<(String, String, String)>) {
+    for task in tree["tasks"].as_array().into_iter().flatten() {
+        let name = task["task"].as_str().unwrap_or("?");
+        for ex in task["executions"].as_array().into_iter().flatten() {
+            let mut label = format!("{prefix}{name}");
+            if let Some(item) = ex["item"].as_u64() {
+                label.push_str(&format!("[{item}]"));
+            }
+            if ex.get("workflow").is_some() {
+                tree_leaves(&ex["workflow"], &format!("{label}/"), out);
+                continue;
+            }
+            out.push((
+                ex["id"].as_str().unwrap_or_default().to_string(),
+                label,
+                ex["status"].as_str().unwrap_or_default().to_string(),
+            ));
+        }
+    }
+}
+
+/// `aviary execution tail` of a workflow: follows the output of every task
+/// (subworkflows included), each line prefixed with its task, until the
+/// workflow ends.
+async fn tail_workflow(
+    api: &ApiClient,
+    id: &str,
+    console: &mut Console<'_>,
+) -> Result<i32, CliError> {
+    let mut tails: std::collections::HashMap<String, TaskTail> = Default::default();
+    loop {
+        let exec: Execution =
+            api.decode(api.get(&["executions", id], &[]).await?, "the execution")?;
+        let tree = api.get(&["executions", id, "tasks"], &[]).await?;
+        let mut leaves = Vec::new();
+        tree_leaves(&tree, "", &mut leaves);
+        for (eid, label, status) in leaves {
+            let tail = tails.entry(eid.clone()).or_default();
+            if tail.ended {
+                continue;
+            }
+            let query: Vec<(&str, String)> = tail
+                .last_seq
+                .map(|s| vec![("after", s.to_string())])
+                .unwrap_or_default();
+            let body = api.get(&["executions", &eid, "output"], &query).await?;
+            let mut chunks: Vec<OutputChunk> = api.decode(body, "the execution output")?;
+            chunks.sort_by_key(|c| c.seq);
+            for c in chunks {
+                if tail.last_seq.is_some_and(|s| c.seq <= s) {
+                    continue;
+                }
+                tail.last_seq = Some(c.seq);
+                if console.json {
+                    let mut v = serde_json::to_value(&c).unwrap_or_default();
+                    v["task"] = Value::String(label.clone());
+                    console.print(&format!("{v}\n"))?;
+                    continue;
+                }
+                tail.partial.push_str(&c.data);
+                while let Some(pos) = tail.partial.find('\n') {
+                    let line: String = tail.partial.drain(..=pos).collect();
+                    console.print(&format!("[{label}] {line}"))?;
+                }
+            }
+            let status = ExecutionStatus::parse(&status);
+            if status.is_some_and(ExecutionStatus::is_terminal) {
+                tail.ended = true;
+                if !tail.partial.is_empty() {
+                    let rest = std::mem::take(&mut tail.partial);
+                    console.print(&format!("[{label}] {rest}\n"))?;
+                }
+                if !console.json {
+                    console.eprint(&format!(
+                        "[{label}] {}\n",
+                        status.map(ExecutionStatus::as_str).unwrap_or("?")
+                    ))?;
+                }
+            }
+        }
+        if exec.status.is_terminal() {
+            if !console.json {
+                console.eprint(&format!(
+                    "workflow {} {}\n",
+                    exec.id,
+                    format::status(exec.status, false)
+                ))?;
+            }
+            return Ok(exit_for(exec.status));
+        }
+        tokio::time::sleep(POLL_INTERVAL / 2).await;
+    }
+}
+
+/// Adds a workflow's task tree to a table, subworkflows indented.
+fn task_rows(tree: &Value, depth: usize, t: &mut Table) {
+    let indent = "  ".repeat(depth);
+    for task in tree["tasks"].as_array().into_iter().flatten() {
+        let started = task["started_at"]
+            .as_str()
+            .and_then(|s| s.parse::<DateTime<Utc>>().ok());
+        let finished = task["finished_at"]
+            .as_str()
+            .and_then(|s| s.parse::<DateTime<Utc>>().ok());
+        let published = task["published"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        let executions = task["executions"].as_array().cloned().unwrap_or_default();
+        let exec_cell = match executions.as_slice() {
+            [] => "-".to_string(),
+            [one] => format::value_cell(one.get("id")),
+            many => format!("{} items/runs", many.len()),
+        };
+        t.row(vec![
+            format!("{indent}{}", format::value_cell(task.get("task"))),
+            format::value_cell(task.get("status")),
+            started
+                .map(|s| format::time(&s))
+                .unwrap_or_else(|| "-".into()),
+            format::execution_duration(started.as_ref(), finished.as_ref()),
+            exec_cell,
+            if published.is_empty() {
+                "-".into()
+            } else {
+                published
+            },
+        ]);
+        for ex in &executions {
+            if ex.get("workflow").is_some() {
+                task_rows(&ex["workflow"], depth + 1, t);
+            }
+        }
+    }
+}
+
+async fn pause_resume(
+    api: &ApiClient,
+    id: &str,
+    op: &str,
+    console: &mut Console<'_>,
+) -> Result<i32, CliError> {
+    let body = api
+        .call(Method::POST, &["executions", id, op], &[], None)
+        .await?;
+    if console.json {
+        console.print_json(&body)?;
+        return Ok(EXIT_OK);
+    }
+    let e: Execution = api.decode(body, "the execution")?;
+    console.print(&format!(
+        "workflow {}: {}\n",
+        e.id,
+        format::status(e.status, console.color)
+    ))?;
+    Ok(EXIT_OK)
+}
+
+/// `aviary inquiry ...`.
+pub(crate) async fn inquiry(
+    api: &ApiClient,
+    cmd: InquiryCmd,
+    console: &mut Console<'_>,
+) -> Result<i32, CliError> {
+    match cmd {
+        InquiryCmd::List { limit } => {
+            let limit = limit.to_string();
+            let body = api
+                .call(Method::GET, &["inquiries"], &[("limit", limit)], None)
+                .await?;
+            if console.json {
+                console.print_json(&body)?;
+                return Ok(EXIT_OK);
+            }
+            let mut t = Table::new(&["ID", "ACTION", "WORKFLOW", "USERS", "ROLES", "EXPIRES"]);
+            for q in body.as_array().into_iter().flatten() {
+                let list = |k: &str| {
+                    q.get(k)
+                        .and_then(Value::as_array)
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(Value::as_str)
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or_else(|| "-".into())
+                };
+                t.row(vec![
+                    format::value_cell(q.get("id")),
+                    format::value_cell(q.get("action")),
+                    format::value_cell(q.get("parent_id")),
+                    list("users"),
+                    list("roles"),
+                    format::value_cell(q.get("expires_at")),
+                ]);
+            }
+            print_table(console, &t, "no pending inquiries\n")?;
+            Ok(EXIT_OK)
+        }
+        InquiryCmd::Get { id } => {
+            let body = api
+                .call(Method::GET, &["inquiries", &id], &[], None)
+                .await?;
+            console.print_json(&body)?;
+            Ok(EXIT_OK)
+        }
+        InquiryCmd::Respond { id, response } => {
+            let response: Value = serde_json::from_str(&response).map_err(|e| {
+                CliError::Usage(format!(
+                    "the response is not valid JSON: {e} (line {}, column {}); e.g. '{{\"approved\": true}}'",
+                    e.line(),
+                    e.column()
+                ))
+            })?;
+            let body = api
+                .call(
+                    Method::POST,
+                    &["inquiries", &id, "respond"],
+                    &[],
+                    Some(&serde_json::json!({ "response": response })),
+                )
+                .await?;
+            if console.json {
+                console.print_json(&body)?;
+                return Ok(EXIT_OK);
+            }
+            console.print(&format!(
+                "inquiry {}: {} (answered by {})\n",
+                id,
+                format::value_cell(body.get("status")),
+                format::value_cell(body.get("responded_by"))
             ))?;
             Ok(EXIT_OK)
         }

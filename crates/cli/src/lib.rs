@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod config;
+pub mod deploy;
 pub mod error;
 mod exec;
 pub mod format;
@@ -81,6 +82,21 @@ aviary run core.echo message=hi --json | jq .result"
     Pack(PackCmd),
     /// Show the audit trail (who did what).
     Audit(AuditArgs),
+    /// List, show or answer inquiries (`core.ask`).
+    #[command(subcommand)]
+    Inquiry(InquiryCmd),
+    /// The host inventory and agent tokens.
+    #[command(subcommand)]
+    Host(deploy::HostCmd),
+    /// Canary deploys and deploy locks.
+    #[command(subcommand)]
+    Deploy(deploy::DeployCmd),
+    /// Promote what the canaries run to production (takes no version), in batches.
+    Promote(deploy::PromoteArgs),
+    /// Return the canaries to the production version.
+    Rollback(deploy::RollbackArgs),
+    /// Advertised versions (canary, production) and their history.
+    Versions(deploy::VersionsArgs),
 }
 
 /// `aviary run`.
@@ -131,6 +147,42 @@ pub enum ExecutionCmd {
     Cancel {
         /// Execution id.
         id: String,
+    },
+    /// Pause a workflow (and its subworkflows): running tasks end, no new task starts.
+    Pause {
+        /// Workflow execution id.
+        id: String,
+    },
+    /// Resume a paused workflow.
+    Resume {
+        /// Workflow execution id.
+        id: String,
+    },
+}
+
+/// `aviary inquiry ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum InquiryCmd {
+    /// List pending inquiries (questions `core.ask` waits on), newest first.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Show one inquiry: its JSON schema, who may answer, and the answer.
+    Get {
+        /// Inquiry (execution) id.
+        id: String,
+    },
+    /// Answer an inquiry with a JSON object matching its schema.
+    #[command(
+        after_long_help = "Example:\n  aviary inquiry respond 0193... '{\"approved\": true}'"
+    )]
+    Respond {
+        /// Inquiry (execution) id.
+        id: String,
+        /// The answer, as JSON.
+        response: String,
     },
 }
 
@@ -383,5 +435,11 @@ pub async fn run_with(
         Command::Token(c) => resources::token(&api, c, console).await,
         Command::Pack(c) => resources::pack(&api, c, console).await,
         Command::Audit(a) => resources::audit(&api, a, console).await,
+        Command::Inquiry(c) => exec::inquiry(&api, c, console).await,
+        Command::Host(c) => deploy::host(&api, c, console).await,
+        Command::Deploy(c) => deploy::deploy(&api, c, console).await,
+        Command::Promote(a) => deploy::promote(&api, a, console).await,
+        Command::Rollback(a) => deploy::rollback(&api, a, console).await,
+        Command::Versions(a) => deploy::versions(&api, a, console).await,
     }
 }

@@ -113,11 +113,17 @@ pub enum ExecutionStatus {
     Canceled,
     /// It was running when its server died; it is not re-run silently.
     Abandoned,
+    /// A workflow asked to pause: its running tasks may end, no new one starts.
+    Pausing,
+    /// A paused workflow (nothing of it runs) until resumed.
+    Paused,
+    /// Waiting for a human answer (a `core.ask` inquiry).
+    Pending,
 }
 
 impl ExecutionStatus {
     /// All statuses, in lifecycle order.
-    pub const ALL: [ExecutionStatus; 9] = [
+    pub const ALL: [ExecutionStatus; 12] = [
         Self::Requested,
         Self::Scheduled,
         Self::Running,
@@ -127,6 +133,9 @@ impl ExecutionStatus {
         Self::Canceling,
         Self::Canceled,
         Self::Abandoned,
+        Self::Pausing,
+        Self::Paused,
+        Self::Pending,
     ];
     /// Stable lowercase name used in storage and the API.
     pub fn as_str(self) -> &'static str {
@@ -140,6 +149,9 @@ impl ExecutionStatus {
             Self::Canceling => "canceling",
             Self::Canceled => "canceled",
             Self::Abandoned => "abandoned",
+            Self::Pausing => "pausing",
+            Self::Paused => "paused",
+            Self::Pending => "pending",
         }
     }
     /// Parses [`Self::as_str`]'s output.

@@ -28,6 +28,9 @@ pub struct Pack {
     pub actions: Vec<ActionMeta>,
     /// Rules, sorted by file path.
     pub rules: Vec<Rule>,
+    /// The pack's settings from `config.yaml` (StackStorm's pack config), an
+    /// object; rules and actions see it as `config_context`. `{}` when absent.
+    pub config: serde_json::Value,
 }
 
 /// The pack's `pack.yaml`.
@@ -51,6 +54,7 @@ enum FileKind {
     PackMeta,
     Action,
     Rule,
+    Config,
 }
 
 fn classify(path: &str) -> Option<FileKind> {
@@ -59,6 +63,7 @@ fn classify(path: &str) -> Option<FileKind> {
     let parts: Vec<&str> = path.split('/').collect();
     match parts.as_slice() {
         ["pack.yaml"] | ["pack.yml"] => Some(FileKind::PackMeta),
+        ["config.yaml"] => Some(FileKind::Config),
         ["actions", name] if is_yaml(name) => Some(FileKind::Action),
         ["rules", name] if is_yaml(name) => Some(FileKind::Rule),
         _ => None,
@@ -239,9 +244,25 @@ pub fn load_pack(
     let mut rule_names: BTreeMap<String, (String, usize)> = BTreeMap::new();
     let mut rule_refs: Vec<(String, String, usize, usize)> = Vec::new();
 
+    let mut config = serde_json::Value::Object(serde_json::Map::new());
     for (file, kind) in &sorted {
         match kind {
             FileKind::PackMeta => {}
+            FileKind::Config => match parse_yaml(&file.path, &file.text) {
+                Ok(doc) if doc.as_map().is_some() => config = doc.to_json(),
+                Ok(doc) => diags.push(Diagnostic {
+                    file: file.path.clone(),
+                    line: doc.line,
+                    column: doc.column,
+                    field: "(file)".to_string(),
+                    message: "a pack's config.yaml must be a mapping of settings".to_string(),
+                    hint: Some(
+                        "write `key: value` lines; rules read them as {{ config_context.key }}"
+                            .to_string(),
+                    ),
+                }),
+                Err(d) => diags.push(d),
+            },
             FileKind::Action => {
                 let (parsed, d) = parse_action(&pack_ref, &file.path, &file.text, existing_paths);
                 diags.extend(d);
@@ -313,6 +334,7 @@ pub fn load_pack(
             meta,
             actions,
             rules,
+            config,
         }),
         None => Err(Diagnostics(Vec::new())),
     }
@@ -360,6 +382,7 @@ const CORE_FILES: &[(&str, &str)] = &[
         "actions/local.yaml",
         include_str!("builtin/actions/local.yaml"),
     ),
+    ("actions/ask.yaml", include_str!("builtin/actions/ask.yaml")),
     (
         "actions/remote.yaml",
         include_str!("builtin/actions/remote.yaml"),
@@ -377,8 +400,36 @@ const CORE_FILES: &[(&str, &str)] = &[
         include_str!("builtin/actions/ci_build.yaml"),
     ),
     (
+        "actions/deb_build.yaml",
+        include_str!("builtin/actions/deb_build.yaml"),
+    ),
+    (
+        "actions/apt_publish.yaml",
+        include_str!("builtin/actions/apt_publish.yaml"),
+    ),
+    (
+        "actions/ci_package.yaml",
+        include_str!("builtin/actions/ci_package.yaml"),
+    ),
+    (
+        "actions/jenkins_build.yaml",
+        include_str!("builtin/actions/jenkins_build.yaml"),
+    ),
+    (
         "actions/inject_trigger.yaml",
         include_str!("builtin/actions/inject_trigger.yaml"),
+    ),
+    (
+        "actions/deploy_canary.yaml",
+        include_str!("builtin/actions/deploy_canary.yaml"),
+    ),
+    (
+        "actions/deploy_promote.yaml",
+        include_str!("builtin/actions/deploy_promote.yaml"),
+    ),
+    (
+        "actions/deploy_rollback.yaml",
+        include_str!("builtin/actions/deploy_rollback.yaml"),
     ),
 ];
 
@@ -428,10 +479,15 @@ mod tests {
         assert_eq!(
             refs,
             vec![
+                "core.apt_publish",
+                "core.ask",
                 "core.ci_build",
+                "core.ci_package",
+                "core.deb_build",
                 "core.echo",
                 "core.http",
                 "core.inject_trigger",
+                "core.jenkins_build",
                 "core.local",
                 "core.noop",
                 "core.remote",

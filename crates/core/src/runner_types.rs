@@ -16,6 +16,12 @@ pub const RUNNER_TYPES: &[&str] = &[
     "orquesta",
     "inject-trigger",
     "ci-build",
+    "deb-build",
+    "apt-publish",
+    "ci-package",
+    "jenkins-build",
+    "inquirer",
+    "deploy",
     "remote-shell-cmd",
     "remote-shell-script",
 ];
@@ -41,6 +47,113 @@ fn spec(kind: ParamType, description: &str) -> ParamSpec {
 fn with_default(mut s: ParamSpec, default: Value) -> ParamSpec {
     s.default = Some(default);
     s
+}
+
+fn required(mut s: ParamSpec) -> ParamSpec {
+    s.required = true;
+    s
+}
+
+fn secret(mut s: ParamSpec) -> ParamSpec {
+    s.secret = true;
+    s
+}
+
+/// Parameters of a .deb build (`deb-build`, `ci-package`).
+fn deb_params() -> Vec<(String, ParamSpec)> {
+    let mut compression = with_default(
+        spec(
+            ParamType::String,
+            "Compression of the .deb members: gzip or xz.",
+        ),
+        json!("gzip"),
+    );
+    compression.enum_values = Some(vec![json!("gzip"), json!("xz")]);
+    vec![
+        (
+            "build_number".into(),
+            spec(
+                ParamType::String,
+                "Build number of the iteration (`<version>-<build number>.<short commit>`); default: the metadata's iteration, else the time.",
+            ),
+        ),
+        ("compression".into(), compression),
+        (
+            "level".into(),
+            spec(
+                ParamType::Integer,
+                "Compression level 0..9; default 6 for gzip, 1 for xz.",
+            ),
+        ),
+        (
+            "source_date_epoch".into(),
+            spec(
+                ParamType::Integer,
+                "Timestamp of every file in the package (reproducible builds); default: the commit's time.",
+            ),
+        ),
+    ]
+}
+
+/// Parameters of a publication into the server's APT repository.
+fn publish_params() -> Vec<(String, ParamSpec)> {
+    vec![
+        (
+            "suite".into(),
+            with_default(
+                spec(ParamType::String, "Suite to publish into."),
+                json!("stable"),
+            ),
+        ),
+        (
+            "component".into(),
+            with_default(
+                spec(ParamType::String, "Component to publish into."),
+                json!("main"),
+            ),
+        ),
+        (
+            "keep_versions".into(),
+            spec(
+                ParamType::Integer,
+                "Keep this many versions of each package (older ones leave the index); default: the repository's setting (5).",
+            ),
+        ),
+    ]
+}
+
+fn checkout_params() -> Vec<(String, ParamSpec)> {
+    vec![
+        (
+            "repo".into(),
+            required(spec(
+                ParamType::String,
+                "Repository: a URL git can fetch, or a path.",
+            )),
+        ),
+        (
+            "branch".into(),
+            spec(ParamType::String, "Branch (refs/heads/ is optional)."),
+        ),
+        (
+            "commit".into(),
+            spec(ParamType::String, "Commit; default: the branch's head."),
+        ),
+        (
+            "project".into(),
+            spec(
+                ParamType::String,
+                "Project name; default: the repository's name.",
+            ),
+        ),
+        (
+            "depth".into(),
+            with_default(
+                spec(ParamType::Integer, "History depth to fetch."),
+                json!(1),
+            ),
+        ),
+    ]
 }
 
 fn shell_common() -> Vec<(String, ParamSpec)> {
@@ -157,7 +270,14 @@ fn remote_common() -> Vec<(String, ParamSpec)> {
 /// The runner parameters of `runner_type`, or None for an unknown runner type.
 pub fn runner_parameters(runner_type: &str) -> Option<ParamSchema> {
     let params = match runner_type {
-        "noop" | "orquesta" | "inject-trigger" => Vec::new(),
+        "noop" | "inject-trigger" | "inquirer" | "deploy" => Vec::new(),
+        "orquesta" => vec![(
+            "timeout".to_string(),
+            spec(
+                ParamType::Integer,
+                "Seconds the whole workflow may run; past it, its running tasks are canceled and it ends as timeout.",
+            ),
+        )],
         "local-shell-cmd" => {
             let mut cmd = spec(
                 ParamType::String,
@@ -224,6 +344,13 @@ pub fn runner_parameters(runner_type: &str) -> Option<ParamSchema> {
                     ),
                 ),
                 (
+                    "secret_env".into(),
+                    secret(spec(
+                        ParamType::Object,
+                        "Secret environment variables for the build scripts: encrypted at rest, every value masked in the log and result, however short.",
+                    )),
+                ),
+                (
                     "cancel_previous".into(),
                     with_default(
                         spec(
@@ -241,6 +368,153 @@ pub fn runner_parameters(runner_type: &str) -> Option<ParamSchema> {
                             "Seconds before the whole build is stopped.",
                         ),
                         json!(3600),
+                    ),
+                ),
+            ]
+        }
+        "deb-build" => {
+            let mut v = vec![
+                (
+                    "path".into(),
+                    required(spec(
+                        ParamType::String,
+                        "The checked-out application repository to package (an absolute path on the server).",
+                    )),
+                ),
+                (
+                    "out_dir".into(),
+                    required(spec(
+                        ParamType::String,
+                        "Folder the .deb is written to (an absolute path on the server, created if missing).",
+                    )),
+                ),
+                (
+                    "commit".into(),
+                    spec(
+                        ParamType::String,
+                        "Commit the package is built from; its short form ends the iteration.",
+                    ),
+                ),
+            ];
+            v.extend(deb_params());
+            v.push((
+                "timeout".into(),
+                with_default(
+                    spec(ParamType::Integer, "Seconds before the build is stopped."),
+                    json!(600),
+                ),
+            ));
+            v
+        }
+        "apt-publish" => {
+            let mut debs = spec(
+                ParamType::Array,
+                "Paths of the .deb files to publish (absolute paths on the server).",
+            );
+            debs.required = true;
+            let mut v = vec![("debs".into(), debs)];
+            v.extend(publish_params());
+            v.push((
+                "timeout".into(),
+                with_default(
+                    spec(
+                        ParamType::Integer,
+                        "Seconds before the publication is abandoned.",
+                    ),
+                    json!(600),
+                ),
+            ));
+            v
+        }
+        "ci-package" => {
+            let mut v = checkout_params();
+            v.extend(deb_params());
+            v.extend(publish_params());
+            v.push((
+                "publish".into(),
+                with_default(
+                    spec(
+                        ParamType::Boolean,
+                        "Publish the package into the server's APT repository (false: build only, the .deb is discarded).",
+                    ),
+                    json!(true),
+                ),
+            ));
+            v.push((
+                "timeout".into(),
+                with_default(
+                    spec(
+                        ParamType::Integer,
+                        "Seconds before the whole step is stopped.",
+                    ),
+                    json!(1800),
+                ),
+            ));
+            v
+        }
+        "jenkins-build" => {
+            vec![
+                (
+                    "url".into(),
+                    required(spec(
+                        ParamType::String,
+                        "Jenkins' base URL, e.g. https://jenkins.example.com/.",
+                    )),
+                ),
+                (
+                    "job".into(),
+                    required(spec(
+                        ParamType::String,
+                        "Job name; a job in folders is `folder/job`.",
+                    )),
+                ),
+                (
+                    "parameters".into(),
+                    spec(
+                        ParamType::Object,
+                        "Build parameters (name: value), sent as a form to buildWithParameters.",
+                    ),
+                ),
+                (
+                    "username".into(),
+                    spec(ParamType::String, "Jenkins user for basic authentication."),
+                ),
+                (
+                    "api_token".into(),
+                    secret(spec(ParamType::String, "The user's Jenkins API token.")),
+                ),
+                (
+                    "crumb".into(),
+                    with_default(
+                        spec(
+                            ParamType::Boolean,
+                            "Fetch a CSRF crumb from /crumbIssuer/api/json first (skipped when Jenkins has none).",
+                        ),
+                        json!(true),
+                    ),
+                ),
+                (
+                    "wait_for_build".into(),
+                    with_default(
+                        spec(
+                            ParamType::Boolean,
+                            "Follow the queue item (Location) until Jenkins has started the build; the result then has its number and URL.",
+                        ),
+                        json!(false),
+                    ),
+                ),
+                (
+                    "verify_ssl_cert".into(),
+                    with_default(
+                        spec(ParamType::Boolean, "Verify Jenkins' TLS certificate."),
+                        json!(true),
+                    ),
+                ),
+                (
+                    "timeout".into(),
+                    with_default(
+                        spec(ParamType::Integer, "Seconds before the action gives up."),
+                        json!(120),
                     ),
                 ),
             ]

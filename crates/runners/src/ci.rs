@@ -139,14 +139,17 @@ impl Step<'_> {
     }
 }
 
-/// Runs a CI build to completion.
-pub(crate) async fn run(
-    req: &RunRequest,
-    masker: &Masker,
-    output: UnboundedSender<OutputEvent>,
-    cancel: CancellationToken,
-) -> Result<RunOutcome, RunnerError> {
-    let started = Instant::now();
+/// What a build or a checkout works on, from the parameters.
+struct Target {
+    repo: String,
+    branch: Option<String>,
+    commit: Option<String>,
+    depth: u64,
+    project: String,
+    env: Map<String, Value>,
+}
+
+fn target(req: &RunRequest) -> Result<Target, RunnerError> {
     let repo = param(req, "repo")
         .ok_or_else(|| invalid(req, "repo", "a repository URL or path is required"))?;
     if repo.starts_with('-') {
@@ -175,11 +178,15 @@ pub(crate) async fn run(
         .unwrap_or(1)
         .max(1);
     let project = project_name(req, repo);
-    let workspace: PathBuf = req.work_dir.join("workspace");
     let mut env = match req.parameters.get("env") {
         Some(Value::Object(m)) => m.clone(),
         _ => Map::new(),
     };
+    if let Some(Value::Object(m)) = req.parameters.get("secret_env") {
+        for (k, v) in m {
+            env.insert(k.clone(), v.clone());
+        }
+    }
     env.insert("GIT_TERMINAL_PROMPT".into(), json!("0"));
     env.insert(
         "GIT_ALLOW_PROTOCOL".into(),
@@ -193,6 +200,107 @@ pub(crate) async fn run(
     if let Some(c) = &commit {
         env.insert("AVIARY_CI_COMMIT".into(), json!(c));
     }
+    Ok(Target {
+        repo: repo.to_string(),
+        branch,
+        commit,
+        depth,
+        project,
+        env,
+    })
+}
+
+/// A repository checked out by [`checkout`].
+#[derive(Debug, Clone)]
+pub struct Checkout {
+    /// Project name (the `project` parameter, else the repository's name).
+    pub project: String,
+    /// The repository as given.
+    pub repo: String,
+    /// Branch, without `refs/heads/`.
+    pub branch: Option<String>,
+    /// The commit checked out (full id).
+    pub commit: Option<String>,
+    /// The git steps run: name, status, return code, duration.
+    pub steps: Vec<Value>,
+}
+
+/// Checks the repository named by the request's `repo`, `branch`, `commit`
+/// and `depth` parameters out into `workspace` (created if missing), the way
+/// `ci-build` does, streaming git's output. The caller removes `workspace`.
+/// On failure, the outcome to report (status and `{"error", "stage"}`).
+pub async fn checkout(
+    req: &RunRequest,
+    workspace: &Path,
+    output: UnboundedSender<OutputEvent>,
+    cancel: CancellationToken,
+) -> Result<Checkout, RunOutcome> {
+    let masker = Masker::new(&req.secrets);
+    let t = target(req)
+        .map_err(|e| RunOutcome::error(ExecutionStatus::Failed, masker.mask_str(&e.to_string())))?;
+    std::fs::create_dir_all(workspace).map_err(|e| {
+        RunOutcome::error(
+            ExecutionStatus::Failed,
+            format!("cannot create the workspace {}: {e}", workspace.display()),
+        )
+    })?;
+    let mut step = Step {
+        req,
+        masker: &masker,
+        output: &output,
+        cancel: &cancel,
+        deadline: Instant::now() + crate::effective_timeout(req),
+        env: t.env.clone(),
+        steps: Vec::new(),
+    };
+    match fetch(
+        &mut step,
+        &t.repo,
+        t.branch.as_deref(),
+        t.commit.as_deref(),
+        t.depth,
+        workspace,
+    )
+    .await
+    {
+        Ok(head) => Ok(Checkout {
+            project: t.project,
+            repo: t.repo,
+            branch: t.branch,
+            commit: head.or(t.commit),
+            steps: step.steps,
+        }),
+        Err((status, stage, message, _)) => {
+            let mut o = RunOutcome::error(
+                status,
+                masker
+                    .mask_str(&message.unwrap_or_else(|| format!("checkout {}", status.as_str()))),
+            );
+            o.result["stage"] = json!(stage);
+            o.result["steps"] = Value::Array(step.steps);
+            Err(o)
+        }
+    }
+}
+
+/// Runs a CI build to completion.
+pub(crate) async fn run(
+    req: &RunRequest,
+    masker: &Masker,
+    output: UnboundedSender<OutputEvent>,
+    cancel: CancellationToken,
+) -> Result<RunOutcome, RunnerError> {
+    let started = Instant::now();
+    let Target {
+        repo,
+        branch,
+        commit,
+        depth,
+        project,
+        env,
+    } = target(req)?;
+    let repo = repo.as_str();
+    let workspace: PathBuf = req.work_dir.join("workspace");
     let timeout = crate::effective_timeout(req);
     let mut step = Step {
         req,
@@ -232,8 +340,15 @@ pub(crate) async fn run(
     Ok(RunOutcome { status, result })
 }
 
-/// Checkout, conventions, cisetup, cibuild. Returns the status, the stage
-/// reached, an error message, and the commit checked out.
+/// How a build ended: status, stage reached, error message, commit checked out.
+type Ended = (
+    ExecutionStatus,
+    &'static str,
+    Option<String>,
+    Option<String>,
+);
+
+/// Checkout, conventions, cisetup, cibuild.
 async fn build(
     step: &mut Step<'_>,
     repo: &str,
@@ -241,17 +356,28 @@ async fn build(
     commit: Option<&str>,
     depth: u64,
     ws: &Path,
-) -> (
-    ExecutionStatus,
-    &'static str,
-    Option<String>,
-    Option<String>,
-) {
+) -> Ended {
+    let head = match fetch(step, repo, branch, commit, depth, ws).await {
+        Ok(head) => head,
+        Err(ended) => return ended,
+    };
+    scripts(step, ws, head).await
+}
+
+/// Fetches and checks out; the commit checked out, or how it failed.
+async fn fetch(
+    step: &mut Step<'_>,
+    repo: &str,
+    branch: Option<&str>,
+    commit: Option<&str>,
+    depth: u64,
+    ws: &Path,
+) -> Result<Option<String>, Ended> {
     let git = Path::new(GIT);
     let depth_arg = format!("--depth={depth}");
     let o = step.run("git init", git, &["init", "-q", "."], ws).await;
     if o.status != ExecutionStatus::Succeeded {
-        return (o.status, "checkout", Some("git init failed".into()), None);
+        return Err((o.status, "checkout", Some("git init failed".into()), None));
     }
     // Fetch the branch (shallow), then make sure the commit is there.
     let mut fetched = false;
@@ -269,7 +395,7 @@ async fn build(
             o.status,
             ExecutionStatus::Timeout | ExecutionStatus::Canceled
         ) {
-            return (o.status, "checkout", None, None);
+            return Err((o.status, "checkout", None, None));
         }
         fetched = o.status == ExecutionStatus::Succeeded;
     }
@@ -318,7 +444,7 @@ async fn build(
         }
         None if fetched => "FETCH_HEAD".to_string(),
         None => {
-            return (
+            return Err((
                 ExecutionStatus::Failed,
                 "checkout",
                 Some(format!(
@@ -326,7 +452,7 @@ async fn build(
                     branch.unwrap_or_default()
                 )),
                 None,
-            );
+            ));
         }
     };
     let o = step
@@ -342,7 +468,7 @@ async fn build(
             "cannot check out {target} from {repo}: {}",
             o.result.get("stderr").and_then(Value::as_str).unwrap_or("")
         );
-        return (
+        return Err((
             if o.status == ExecutionStatus::Succeeded {
                 ExecutionStatus::Failed
             } else {
@@ -351,7 +477,7 @@ async fn build(
             "checkout",
             Some(msg),
             None,
-        );
+        ));
     }
     let head = step
         .run("git rev-parse", git, &["rev-parse", "HEAD"], ws)
@@ -361,6 +487,11 @@ async fn build(
         .and_then(Value::as_str)
         .map(|s| s.trim().to_string());
 
+    Ok(head)
+}
+
+/// Conventions, then cisetup and cibuild.
+async fn scripts(step: &mut Step<'_>, ws: &Path, head: Option<String>) -> Ended {
     // Conventions first: every script must exist and be executable.
     let mut missing = Vec::new();
     for script in CONVENTION_SCRIPTS {

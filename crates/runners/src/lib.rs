@@ -1,6 +1,7 @@
 //! Aviary's action runners: `noop`, `local-shell-cmd`, `local-shell-script`,
-//! `http-request`, `ci-build`, and over SSH `remote-shell-cmd` and
-//! `remote-shell-script`.
+//! `http-request`, `ci-build`, `jenkins-build`, and over SSH `remote-shell-cmd`
+//! and `remote-shell-script`; [`checkout`] is the `ci-build` checkout for
+//! steps the server runs itself (`ci-package`).
 //!
 //! [`run`] executes one action to completion and returns a [`RunOutcome`]
 //! whose `result` has StackStorm's shape for the runner. Output of the shell
@@ -14,9 +15,12 @@
 
 mod ci;
 mod http;
+mod jenkins;
 mod mask;
 mod shell;
 mod ssh;
+
+pub use ci::{Checkout, checkout};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -36,18 +40,21 @@ pub const LOCAL_SHELL_SCRIPT: &str = "local-shell-script";
 pub const HTTP_REQUEST: &str = "http-request";
 /// Runner type: check out a repository and run its CI scripts.
 pub const CI_BUILD: &str = "ci-build";
+/// Runner type: start a Jenkins job over its REST API.
+pub const JENKINS_BUILD: &str = "jenkins-build";
 /// Runner type that runs a shell command on remote hosts over SSH.
 pub const REMOTE_SHELL_CMD: &str = "remote-shell-cmd";
 /// Runner type that runs a script (the entry point) on remote hosts over SSH.
 pub const REMOTE_SHELL_SCRIPT: &str = "remote-shell-script";
 
 /// Every runner type this crate can run.
-pub const KNOWN_RUNNERS: [&str; 7] = [
+pub const KNOWN_RUNNERS: [&str; 8] = [
     NOOP,
     LOCAL_SHELL_CMD,
     LOCAL_SHELL_SCRIPT,
     HTTP_REQUEST,
     CI_BUILD,
+    JENKINS_BUILD,
     REMOTE_SHELL_CMD,
     REMOTE_SHELL_SCRIPT,
 ];
@@ -112,8 +119,8 @@ pub struct RunOutcome {
 }
 
 impl RunOutcome {
-    /// A `Failed` outcome whose result is `{"error": message}`.
-    pub(crate) fn error(status: ExecutionStatus, message: impl Into<String>) -> Self {
+    /// An outcome with this status whose result is `{"error": message}`.
+    pub fn error(status: ExecutionStatus, message: impl Into<String>) -> Self {
         let mut m = Map::new();
         m.insert("error".into(), Value::String(message.into()));
         Self {
@@ -223,6 +230,7 @@ pub async fn run(
         LOCAL_SHELL_CMD | LOCAL_SHELL_SCRIPT => shell::run(&req, &masker, output, cancel).await,
         HTTP_REQUEST => http::run(&req, &masker, cancel).await,
         CI_BUILD => ci::run(&req, &masker, output, cancel).await,
+        JENKINS_BUILD => jenkins::run(&req, &masker, cancel).await,
         REMOTE_SHELL_CMD | REMOTE_SHELL_SCRIPT => ssh::run(&req, &masker, output, cancel).await,
         other => Err(RunnerError::UnknownRunner {
             action: req.action_ref.clone(),

@@ -188,6 +188,56 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        authenticate(state, &parts.headers, parts.uri.query()).await
+        let caller = authenticate(state, &parts.headers, parts.uri.query()).await?;
+        if caller.role == AGENT_ROLE {
+            return Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "an agent token may only call /api/v1/agent/ endpoints; use an API token (`aviary token create NAME`)",
+            ));
+        }
+        Ok(caller)
+    }
+}
+
+/// Role of per-host agent tokens.
+pub const AGENT_ROLE: &str = "agent";
+
+/// The token name of a host's agent token.
+pub fn agent_token_name(host: &str) -> String {
+    format!("agent@{host}")
+}
+
+/// An authenticated agent: it may read what its host needs and report about
+/// its host only.
+#[derive(Debug, Clone)]
+pub struct AgentCaller {
+    /// The host the token was issued for.
+    pub host: String,
+    /// Hash of its token (to re-check revocation on long streams).
+    pub token_hash: String,
+}
+
+impl FromRequestParts<AppState> for AgentCaller {
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let caller = authenticate(state, &parts.headers, parts.uri.query()).await?;
+        let host = caller
+            .name
+            .strip_prefix("agent@")
+            .filter(|_| caller.role == AGENT_ROLE)
+            .ok_or_else(|| {
+                ApiError::new(
+                    axum::http::StatusCode::FORBIDDEN,
+                    "agent endpoints need a host's agent token; create one with `aviary host token create HOST`",
+                )
+            })?;
+        let token = token_from(&parts.headers, parts.uri.query()).unwrap_or_default();
+        Ok(AgentCaller {
+            host: host.to_string(),
+            token_hash: hash_token(&token),
+        })
     }
 }

@@ -27,6 +27,44 @@ pub struct ServerConfig {
     pub public_url: String,
     /// Default action timeout in seconds, when neither the action nor the call sets one.
     pub default_timeout_secs: u64,
+    /// CI settings (`ci:` in the file).
+    pub ci: CiConfig,
+    /// The APT repository's settings (`apt:` in the file).
+    pub apt: AptConfig,
+}
+
+/// CI settings: concurrency, build log retention, Jenkins notifications.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CiConfig {
+    /// At most this many `ci-build` executions run at once on this server;
+    /// more wait in the queue. `None`: only the worker pool limits them.
+    pub max_concurrent: Option<usize>,
+    /// Output (the build log) of CI builds finished longer ago than this many
+    /// days is deleted; the execution record stays.
+    pub log_retention_days: Option<u64>,
+    /// Per repository and branch, the output of only the newest N finished
+    /// CI builds is kept.
+    pub keep_builds: Option<usize>,
+    /// How often the retention purge runs, in seconds (default 3600).
+    pub purge_interval_secs: Option<u64>,
+    /// Which phase of a Jenkins Notification plugin payload emits
+    /// `aviary.ci.build`: `completed` (default) or `finalized`.
+    pub jenkins_emit_on: Option<String>,
+}
+
+/// Settings of the server's APT repository (`<data dir>/apt`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AptConfig {
+    /// Suites (default `[stable]`).
+    pub suites: Option<Vec<String>>,
+    /// Components (default `[main]`).
+    pub components: Option<Vec<String>>,
+    /// Architectures with an index (default `[amd64, all]`).
+    pub architectures: Option<Vec<String>>,
+    /// Versions kept per package (default 5).
+    pub keep_versions: Option<usize>,
 }
 
 /// The optional configuration file (`--config`, or `<data dir>/aviary.yaml`).
@@ -49,6 +87,10 @@ pub struct ConfigFile {
     pub public_url: Option<String>,
     /// See [`ServerConfig::default_timeout_secs`].
     pub default_timeout_secs: Option<u64>,
+    /// See [`ServerConfig::ci`].
+    pub ci: Option<CiConfig>,
+    /// See [`ServerConfig::apt`].
+    pub apt: Option<AptConfig>,
 }
 
 /// Values given on the command line or in the environment (highest precedence).
@@ -212,6 +254,59 @@ impl ServerConfig {
         let public_url = file
             .public_url
             .unwrap_or_else(|| format!("http://{listen}"));
+        let ci = file.ci.unwrap_or_default();
+        let invalid = |field: &'static str, value: String, message: &str| ConfigError::Invalid {
+            field,
+            value,
+            origin: file_origin.clone(),
+            message: message.into(),
+        };
+        if let Some(n) = ci.max_concurrent
+            && n == 0
+        {
+            return Err(invalid(
+                "ci.max_concurrent",
+                n.to_string(),
+                "must be at least 1 (leave it out for no limit)",
+            ));
+        }
+        if let Some(n) = ci.keep_builds
+            && n == 0
+        {
+            return Err(invalid(
+                "ci.keep_builds",
+                n.to_string(),
+                "must be at least 1 (leave it out to keep every build log)",
+            ));
+        }
+        if let Some(n) = ci.purge_interval_secs
+            && n == 0
+        {
+            return Err(invalid(
+                "ci.purge_interval_secs",
+                n.to_string(),
+                "must be at least 1",
+            ));
+        }
+        if let Some(p) = &ci.jenkins_emit_on
+            && !matches!(p.as_str(), "completed" | "finalized")
+        {
+            return Err(invalid(
+                "ci.jenkins_emit_on",
+                p.clone(),
+                "must be `completed` or `finalized`",
+            ));
+        }
+        let apt = file.apt.unwrap_or_default();
+        if let Some(n) = apt.keep_versions
+            && n == 0
+        {
+            return Err(invalid(
+                "apt.keep_versions",
+                n.to_string(),
+                "must be at least 1",
+            ));
+        }
         Ok(Self {
             listen,
             data_dir,
@@ -222,6 +317,8 @@ impl ServerConfig {
             node,
             public_url,
             default_timeout_secs: file.default_timeout_secs.unwrap_or(600),
+            ci,
+            apt,
         })
     }
 }

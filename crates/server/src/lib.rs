@@ -6,6 +6,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod deploy;
 pub mod engine;
 pub mod packs;
 
@@ -168,6 +169,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         rules = registry.rules.len(),
         "aviary server ready"
     );
+    let ci = engine::ci::CiState::new(&config);
     let engine = Arc::new(Engine {
         store,
         registry: ArcSwap::from_pointee(registry),
@@ -179,7 +181,20 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         running: std::sync::Mutex::new(Default::default()),
         output: Default::default(),
         registry_changed: tokio::sync::Notify::new(),
+        ci,
+        deploy: Default::default(),
     });
+    match engine.store.release_orphan_deploy_locks().await {
+        Ok(released) => {
+            for l in released {
+                tracing::warn!(app = %l.app, role = %l.role, holder = %l.holder, "released the deploy lock of an execution that is no longer running");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot release orphan deploy locks"),
+    }
+    if let Err(e) = engine.deploy.refresh(engine.store.as_ref()).await {
+        tracing::warn!(error = %e, "cannot read advertised versions");
+    }
     let state = AppState {
         engine,
         tokens: Arc::new(auth::TokenCache::default()),
@@ -204,6 +219,8 @@ impl Running {
         ));
         let timers = tokio::spawn(engine::timers::run_timers(engine.clone(), shutdown.clone()));
         let purge = tokio::spawn(purge_expired(engine.clone(), shutdown.clone()));
+        let retention = tokio::spawn(engine::ci::run_retention(engine.clone(), shutdown.clone()));
+        let versions = tokio::spawn(deploy::run_refresh(engine.clone(), shutdown.clone()));
         let app = api::router(self.state.clone());
         let signal_token = shutdown.clone();
         tokio::spawn(async move {
@@ -220,6 +237,8 @@ impl Running {
             let _ = scheduler.await;
             let _ = timers.await;
             let _ = purge.await;
+            let _ = retention.await;
+            let _ = versions.await;
         })
         .await;
         Ok(())

@@ -56,6 +56,8 @@ pub struct Registry {
     pub webhooks: HashMap<String, Vec<usize>>,
     /// Parsed workflow definitions of `orquesta` actions, by action reference.
     pub workflows: HashMap<String, Arc<WorkflowSpec>>,
+    /// Each pack's `config.yaml` settings (`config_context` in templates), by pack name.
+    pub configs: HashMap<String, serde_json::Value>,
 }
 
 /// Why packs could not be loaded.
@@ -132,6 +134,7 @@ impl Registry {
             if let Some(p) = &path {
                 reg.pack_dirs.insert(name.clone(), p.clone());
             }
+            reg.configs.insert(name.clone(), pack.config);
             for action in pack.actions {
                 reg.actions.insert(action.reference(), Arc::new(action));
             }

@@ -59,7 +59,10 @@ pub(crate) fn abandoned_error(node: &str) -> serde_json::Value {
         "error": format!(
             "the server (node `{node}`) stopped while it ran, so its outcome is unknown; \
              it was not re-run automatically: check its effects and re-run it if that is safe"
-        )
+        ),
+        // For workflows: `retry: {when: <% result().abandoned = true %>}`
+        // re-runs an idempotent step that a crash interrupted.
+        "abandoned": true,
     })
 }
 

@@ -24,7 +24,10 @@ use aviary_core::model::{
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+pub use deploy::DeployStore;
+
 mod common;
+pub mod deploy;
 pub mod postgres;
 pub mod sqlite;
 
@@ -223,7 +226,7 @@ pub struct OutputChunk {
 
 /// Aviary's storage interface, shared as `Arc<dyn Store>`.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: DeployStore + Send + Sync + 'static {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;
 
@@ -285,7 +288,8 @@ pub trait Store: Send + Sync + 'static {
     /// state). Returns the abandoned ids.
     async fn recover_node(&self, node: &str, at: DateTime<Utc>) -> Result<Vec<String>, StoreError>;
 
-    /// Ids of `orquesta` executions that are `running` or `canceling`,
+    /// Ids of `orquesta` executions that are `running`, `canceling`,
+    /// `pausing` or `paused`,
     /// optionally only those of one node (the workflow resume scan).
     async fn list_running_workflows(&self, node: Option<&str>) -> Result<Vec<String>, StoreError>;
     /// A workflow execution's stored state and its version, if saved.
@@ -316,6 +320,10 @@ pub trait Store: Send + Sync + 'static {
         execution_id: &str,
         after_seq: i64,
     ) -> Result<Vec<OutputChunk>, StoreError>;
+
+    /// Deletes the output of these executions (build log retention); the
+    /// executions stay. Returns the number of chunks deleted.
+    async fn delete_output(&self, execution_ids: &[String]) -> Result<u64, StoreError>;
 
     /// Creates or replaces a datastore item.
     async fn set_kv(&self, kv: KeyValue) -> Result<(), StoreError>;

@@ -26,6 +26,8 @@ use crate::common::{
 use crate::sqlite::conflict_what;
 use crate::{ExecutionFilter, Ingest, IngestOutcome, NewExecution, OutputChunk, Store, StoreError};
 
+mod deploy;
+
 const BACKEND: &str = "postgres";
 
 const MIGRATIONS: &[Migration] = &[
@@ -34,6 +36,11 @@ const MIGRATIONS: &[Migration] = &[
         2,
         "workflows",
         include_str!("migrations/postgres/0002_workflows.sql"),
+    ),
+    (
+        3,
+        "deploy",
+        include_str!("migrations/postgres/0003_deploy.sql"),
     ),
 ];
 
@@ -669,7 +676,7 @@ impl Store for PgStore {
     async fn list_running_workflows(&self, node: Option<&str>) -> Result<Vec<String>, StoreError> {
         sqlx::query_scalar(
             "SELECT id FROM executions WHERE runner = 'orquesta' \
-             AND status IN ('running', 'canceling') \
+             AND status IN ('running', 'canceling', 'pausing', 'paused') \
              AND ($1::text IS NULL OR node = $1) ORDER BY seq",
         )
         .bind(node)
@@ -867,6 +874,18 @@ impl Store for PgStore {
             .await
             .map_err(err("deleting a datastore item"))?;
         Ok(done.rows_affected() > 0)
+    }
+
+    async fn delete_output(&self, execution_ids: &[String]) -> Result<u64, StoreError> {
+        if execution_ids.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query("DELETE FROM execution_output WHERE execution_id = ANY($1)")
+            .bind(execution_ids)
+            .execute(&self.pool)
+            .await
+            .map_err(err("deleting execution output"))?;
+        Ok(done.rows_affected())
     }
 
     async fn purge_expired_kv(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {

@@ -45,7 +45,14 @@ const MIGRATIONS: &[Migration] = &[
         "workflows",
         include_str!("migrations/sqlite/0002_workflows.sql"),
     ),
+    (
+        3,
+        "deploy",
+        include_str!("migrations/sqlite/0003_deploy.sql"),
+    ),
 ];
+
+mod deploy;
 
 const BACKEND: &str = "sqlite";
 
@@ -1043,7 +1050,7 @@ impl Store for SqliteStore {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT id FROM executions WHERE runner = 'orquesta' \
-                     AND status IN ('running', 'canceling') \
+                     AND status IN ('running', 'canceling', 'pausing', 'paused') \
                      AND (?1 IS NULL OR node = ?1) ORDER BY seq",
                 )
                 .map_err(err(op))?;
@@ -1266,6 +1273,25 @@ impl Store for SqliteStore {
                 .execute(params![scope.as_str(), name])
                 .map_err(err(op))?;
             Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn delete_output(&self, execution_ids: &[String]) -> Result<u64, StoreError> {
+        if execution_ids.is_empty() {
+            return Ok(0);
+        }
+        let ids = execution_ids.to_vec();
+        self.write(move |conn| {
+            let op = "deleting execution output";
+            let mut stmt = conn
+                .prepare_cached("DELETE FROM execution_output WHERE execution_id = ?1")
+                .map_err(err(op))?;
+            let mut n = 0u64;
+            for id in &ids {
+                n += stmt.execute([id]).map_err(err(op))? as u64;
+            }
+            Ok(n)
         })
         .await
     }

@@ -138,6 +138,10 @@ both_backends!(
     workflow_state_is_versioned_and_saved_with_children,
     running_workflows_survive_recovery,
     future_executions_are_not_claimed_early,
+    hosts_round_trip_and_reports,
+    versions_change_only_by_policy_with_history,
+    concurrent_promotions_apply_once,
+    deploy_locks_are_exclusive_and_recovered,
 );
 
 // ---------------------------------------------------------------- builders
@@ -1139,7 +1143,7 @@ async fn migrations_are_idempotent_on_reopen(h: &Harness) {
             }
         );
     }
-    assert_eq!(migration_rows(h).await, vec![1, 2]);
+    assert_eq!(migration_rows(h).await, vec![1, 2, 3]);
 }
 
 async fn concurrent_opens_migrate_once(h: &Harness) {
@@ -1152,7 +1156,7 @@ async fn concurrent_opens_migrate_once(h: &Harness) {
         let s = t.await.unwrap().unwrap();
         assert_eq!(s.count_executions(None).await.unwrap(), 0);
     }
-    assert_eq!(migration_rows(h).await, vec![1, 2]);
+    assert_eq!(migration_rows(h).await, vec![1, 2, 3]);
 }
 
 /// The versions recorded in `schema_migrations`, read directly.
@@ -1415,4 +1419,286 @@ async fn throughput_sqlite() {
 async fn throughput_postgres() {
     let h = Harness::postgres().await;
     throughput(&h, 2_000).await;
+}
+
+// ---------------------------------------------------------------- deploy
+
+fn host(name: &str, tags: &[&str]) -> aviary_deploy::Host {
+    aviary_deploy::Host {
+        name: name.into(),
+        address: format!("10.0.0.{}", name.len()),
+        tags: tags.iter().map(|t| (*t).to_string()).collect(),
+        apps: Default::default(),
+        last_seen: None,
+        token_id: None,
+        created_at: now(),
+    }
+}
+
+fn change(
+    kind: aviary_deploy::VersionChangeKind,
+    exec: &str,
+) -> aviary_deploy::VersionChangeRequest {
+    aviary_deploy::VersionChangeRequest {
+        app: "web".into(),
+        role: "app".into(),
+        kind,
+        actor: "tester".into(),
+        execution_id: Some(exec.into()),
+        at: now(),
+    }
+}
+
+async fn hosts_round_trip_and_reports(h: &Harness) {
+    use aviary_deploy::{AppStatus, Health};
+    let s = &h.store;
+    s.upsert_host(host("c1", &["web::app_canary"]))
+        .await
+        .unwrap();
+    s.upsert_host(host("p1", &["web::app"])).await.unwrap();
+    let mut apps = std::collections::BTreeMap::new();
+    apps.insert(
+        "web".to_string(),
+        AppStatus {
+            installed: Some("1.0".into()),
+            target: Some("1.0".into()),
+            health: Health::Healthy,
+            error: None,
+            output: "Setting up web (1.0) ...".into(),
+            updated_at: Some(now()),
+            timings_ms: Default::default(),
+        },
+    );
+    let at = now();
+    assert!(s.record_host_report("c1", apps.clone(), at).await.unwrap());
+    assert!(
+        !s.record_host_report("nope", apps.clone(), at)
+            .await
+            .unwrap()
+    );
+    let c1 = s.get_host("c1").await.unwrap().unwrap();
+    assert_eq!(c1.apps, apps);
+    assert_eq!(c1.last_seen, Some(at));
+    // Re-adding keeps reports, replaces tags and address.
+    let mut again = host("c1", &["web::app_canary", "web::app"]);
+    again.address = "10.9.9.9".into();
+    s.upsert_host(again).await.unwrap();
+    let c1 = s.get_host("c1").await.unwrap().unwrap();
+    assert_eq!(c1.apps, apps);
+    assert_eq!(c1.address, "10.9.9.9");
+    assert_eq!(c1.tags.len(), 2);
+    let names: Vec<String> = s
+        .list_hosts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.name)
+        .collect();
+    assert_eq!(names, vec!["c1", "p1"]);
+    assert!(s.delete_host("p1").await.unwrap());
+    assert!(!s.delete_host("p1").await.unwrap());
+    assert_eq!(s.get_host("p1").await.unwrap(), None);
+}
+
+async fn versions_change_only_by_policy_with_history(h: &Harness) {
+    use aviary_deploy::{VersionChangeKind as K, VersionOutcome};
+    let s = &h.store;
+    assert_eq!(s.get_versions("web", "app").await.unwrap(), None);
+    // Nothing to promote or roll back yet: refused and audited.
+    let r = s
+        .change_version(change(
+            K::Production {
+                version: "1.0".into(),
+            },
+            "e0",
+        ))
+        .await
+        .unwrap();
+    assert!(
+        matches!(r, VersionOutcome::Refused { ref reason } if reason.contains("no canary version")),
+        "{r:?}"
+    );
+    let r = s.change_version(change(K::Rollback, "e0")).await.unwrap();
+    assert!(matches!(r, VersionOutcome::Refused { .. }));
+    // Canary 1.0, promote 1.0.
+    let r = s
+        .change_version(change(
+            K::Canary {
+                version: "1.0".into(),
+            },
+            "e1",
+        ))
+        .await
+        .unwrap();
+    assert!(matches!(r, VersionOutcome::Changed { .. }));
+    let r = s
+        .change_version(change(
+            K::Production {
+                version: "1.0".into(),
+            },
+            "e2",
+        ))
+        .await
+        .unwrap();
+    let VersionOutcome::Changed {
+        versions,
+        change: c,
+    } = r
+    else {
+        panic!("{r:?}")
+    };
+    assert_eq!(versions.production_version.as_deref(), Some("1.0"));
+    assert_eq!(
+        (c.old_version, c.new_version.as_deref()),
+        (None, Some("1.0"))
+    );
+    // Canary 1.1; a direct production set to anything but 1.1 is refused.
+    s.change_version(change(
+        K::Canary {
+            version: "1.1".into(),
+        },
+        "e3",
+    ))
+    .await
+    .unwrap();
+    let r = s
+        .change_version(change(
+            K::Production {
+                version: "2.0".into(),
+            },
+            "e4",
+        ))
+        .await
+        .unwrap();
+    let VersionOutcome::Refused { reason } = r else {
+        panic!("{r:?}")
+    };
+    assert!(reason.contains("current canary version `1.1`"), "{reason}");
+    let v = s.get_versions("web", "app").await.unwrap().unwrap();
+    assert_eq!(
+        (v.canary_version.as_deref(), v.production_version.as_deref()),
+        (Some("1.1"), Some("1.0"))
+    );
+    // Rollback: canary goes back to production.
+    let r = s.change_version(change(K::Rollback, "e5")).await.unwrap();
+    let VersionOutcome::Changed { versions, .. } = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(versions.canary_version.as_deref(), Some("1.0"));
+    let hist = s.version_history("web", "app", 10).await.unwrap();
+    let kinds: Vec<(String, Option<String>, Option<String>, Option<String>)> = hist
+        .iter()
+        .map(|c| {
+            (
+                c.kind.clone(),
+                c.old_version.clone(),
+                c.new_version.clone(),
+                c.execution_id.clone(),
+            )
+        })
+        .collect();
+    let o = |x: &str| Some(x.to_string());
+    assert_eq!(
+        kinds,
+        vec![
+            ("rollback".into(), o("1.1"), o("1.0"), o("e5")),
+            ("canary".into(), o("1.0"), o("1.1"), o("e3")),
+            ("production".into(), None, o("1.0"), o("e2")),
+            ("canary".into(), None, o("1.0"), o("e1")),
+        ]
+    );
+    let refused: Vec<_> = s
+        .list_audit(50)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.action == "version.refused")
+        .collect();
+    assert_eq!(refused.len(), 3);
+    assert_eq!(refused[0].target, "web::app");
+    assert_eq!(refused[0].details["execution_id"], json!("e4"));
+    assert_eq!(s.list_versions().await.unwrap().len(), 1);
+    assert_eq!(s.version_history("web", "db", 10).await.unwrap(), vec![]);
+}
+
+async fn concurrent_promotions_apply_once(h: &Harness) {
+    use aviary_deploy::{VersionChangeKind as K, VersionOutcome};
+    let s = &h.store;
+    s.change_version(change(
+        K::Canary {
+            version: "1.0".into(),
+        },
+        "e1",
+    ))
+    .await
+    .unwrap();
+    // Ten racing requests: promote 1.0 and move the canary to 2.0. Whatever
+    // the order, production only ever becomes a version that was the canary
+    // at that moment, and each change is recorded exactly once.
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let kind = if i % 2 == 0 {
+                K::Production {
+                    version: "1.0".into(),
+                }
+            } else {
+                K::Canary {
+                    version: "2.0".into(),
+                }
+            };
+            s.change_version(change(kind, &format!("r{i}")))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut changed = 0;
+    for t in tasks {
+        if matches!(t.await.unwrap(), VersionOutcome::Changed { .. }) {
+            changed += 1;
+        }
+    }
+    let hist = s.version_history("web", "app", 100).await.unwrap();
+    assert_eq!(hist.len(), changed + 1);
+    for c in hist.iter().filter(|c| c.kind == "production") {
+        assert_eq!(c.new_version.as_deref(), Some("1.0"));
+    }
+}
+
+async fn deploy_locks_are_exclusive_and_recovered(h: &Harness) {
+    use aviary_deploy::DeployLock;
+    let s = &h.store;
+    let lock = |holder: &str| DeployLock {
+        app: "web".into(),
+        role: "app".into(),
+        holder: holder.into(),
+        actor: "tester".into(),
+        acquired_at: now(),
+    };
+    // The holder is a running execution.
+    let mut running = new_exec("core.deploy_canary", now(), None);
+    running.execution.status = ExecutionStatus::Running;
+    s.create_execution(running.clone()).await.unwrap();
+    let id = running.execution.id.clone();
+    assert_eq!(s.acquire_deploy_lock(lock(&id)).await.unwrap(), None);
+    assert_eq!(
+        s.acquire_deploy_lock(lock(&id)).await.unwrap(),
+        None,
+        "re-entrant"
+    );
+    let held = s.acquire_deploy_lock(lock("other")).await.unwrap().unwrap();
+    assert_eq!(held.holder, id);
+    assert_eq!(s.list_deploy_locks().await.unwrap().len(), 1);
+    // Another app's lock is independent; its holder does not exist.
+    let mut db = lock("ghost");
+    db.app = "db".into();
+    assert_eq!(s.acquire_deploy_lock(db).await.unwrap(), None);
+    let released = s.release_orphan_deploy_locks().await.unwrap();
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0].holder, "ghost");
+    assert!(!s.release_deploy_lock("web", "app", "other").await.unwrap());
+    assert!(s.release_deploy_lock("web", "app", &id).await.unwrap());
+    assert_eq!(s.acquire_deploy_lock(lock("other")).await.unwrap(), None);
+    assert_eq!(s.list_deploy_locks().await.unwrap().len(), 1);
 }

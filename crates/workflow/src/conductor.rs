@@ -233,6 +233,9 @@ pub struct TaskEntry {
     pub started_at: DateTime<Utc>,
     /// When it completed.
     pub finished_at: Option<DateTime<Utc>>,
+    /// Values its transitions published.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub published: Map<String, Value>,
 }
 
 /// Progress of one item of a with-items task.
@@ -299,6 +302,10 @@ pub struct WorkflowState {
     pub started_at: DateTime<Utc>,
     /// When it completed.
     pub finished_at: Option<DateTime<Utc>>,
+    /// True while paused: running actions may end, nothing new is
+    /// dispatched until [`resume`].
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// A call that does not fit the state (a bug in the caller).
@@ -437,6 +444,7 @@ pub fn start(
         finished: false,
         started_at: env.now,
         finished_at: None,
+        paused: false,
     };
     let mut ctx = Map::new();
     let mut failed = false;
@@ -626,6 +634,36 @@ pub fn cancel(spec: &WorkflowSpec, state: &mut WorkflowState, env: Env<'_>) -> V
     run.commands
 }
 
+/// Pauses the workflow: actions already running may end (their outcome
+/// is recorded and their transitions staged), but no task is dispatched
+/// until [`resume`]. A paused workflow does not finish while tasks are
+/// ready to run.
+pub fn pause(state: &mut WorkflowState) {
+    if !state.status.is_completed() {
+        state.paused = true;
+    }
+}
+
+/// Resumes a paused workflow: dispatches what became ready meanwhile and
+/// returns the commands (a [`Command::Finish`] if nothing is left).
+pub fn resume(spec: &WorkflowSpec, state: &mut WorkflowState, env: Env<'_>) -> Vec<Command> {
+    let mut run = Run {
+        spec,
+        env,
+        commands: Vec::new(),
+    };
+    state.paused = false;
+    run.dispatch(state);
+    run.maybe_finish(state);
+    run.commands
+}
+
+/// True when nothing runs: every dispatched action ended (a paused
+/// workflow in this state is fully paused).
+pub fn is_idle(state: &WorkflowState) -> bool {
+    !state.has_active()
+}
+
 enum Inbound {
     Satisfied,
     Wip,
@@ -698,6 +736,7 @@ impl Run<'_, '_> {
             term: false,
             started_at: self.env.now,
             finished_at: None,
+            published: Map::new(),
         });
         let idx = state.sequence.len() - 1;
         state.tasks.insert(key(&staged.id, staged.route), idx);
@@ -715,6 +754,9 @@ impl Run<'_, '_> {
     /// Hands out every ready staged task (only remediation tasks once the
     /// workflow failed), sorted by (task, route).
     fn dispatch(&mut self, state: &mut WorkflowState) {
+        if state.paused {
+            return;
+        }
         loop {
             let mut order: Vec<usize> = (0..state.staged.len())
                 .filter(|&i| {
@@ -1176,6 +1218,9 @@ impl Run<'_, '_> {
             }
             let mut out_ctxs = state.sequence[idx].ctxs.clone();
             if !published.is_empty() {
+                for (k, v) in &published {
+                    state.sequence[idx].published.insert(k.clone(), v.clone());
+                }
                 state.contexts.push(published);
                 out_ctxs.push(state.contexts.len() - 1);
             }
@@ -1310,6 +1355,7 @@ impl Run<'_, '_> {
     /// running; renders the output then.
     fn maybe_finish(&mut self, state: &mut WorkflowState) {
         if state.finished
+            || (state.paused && state.staged.iter().any(|s| s.ready))
             || !state.status.is_completed()
             || state.has_active()
             || state.staged.iter().any(|s| s.dispatched)

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use crate::harness::*;
 
-fn tiny_deb(dir: &Path, name: &str, version: &str) -> std::path::PathBuf {
+pub(crate) fn tiny_deb(dir: &Path, name: &str, version: &str) -> std::path::PathBuf {
     let root = dir.join(format!("{name}-{version}"));
     write(&root.join(format!("opt/{name}/hello.txt")), "hello\n");
     write(
@@ -29,6 +29,75 @@ fn tiny_deb(dir: &Path, name: &str, version: &str) -> std::path::PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     deb
+}
+
+/// Real apt-get against a server's `/apt/`, isolated from the machine's own
+/// configuration (own sources, lists, status and cache under `dir`).
+pub(crate) struct AptClient {
+    dir: std::path::PathBuf,
+}
+
+impl AptClient {
+    pub(crate) fn new(s: &Server, dir: &Path, key: &Path) -> AptClient {
+        for sub in ["lists/partial", "cache/archives/partial", "dl"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("mkdir");
+        }
+        std::fs::write(dir.join("status"), "").expect("status");
+        std::fs::write(
+            dir.join("sources.list"),
+            format!(
+                "deb [signed-by={}] {}/apt/ stable main\n",
+                key.display(),
+                s.url("")
+            ),
+        )
+        .expect("sources");
+        AptClient {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Runs apt-get; (success, stdout + stderr).
+    pub(crate) fn run(&self, args: &[&str]) -> (bool, String) {
+        let d = &self.dir;
+        let out = Command::new("apt-get")
+            .arg("-q")
+            .arg(format!(
+                "-oDir::Etc::sourcelist={}",
+                d.join("sources.list").display()
+            ))
+            .arg("-oDir::Etc::sourceparts=-")
+            .arg(format!("-oDir::State::Lists={}", d.join("lists").display()))
+            .arg(format!(
+                "-oDir::State::status={}",
+                d.join("status").display()
+            ))
+            .arg(format!("-oDir::Cache={}", d.join("cache").display()))
+            .arg("-oAPT::Sandbox::User=root")
+            .arg("-oAcquire::Languages=none")
+            .args(args)
+            .current_dir(d.join("dl"))
+            .output()
+            .expect("apt-get");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
+
+    /// Where `apt-get download` puts files.
+    pub(crate) fn downloads(&self) -> std::path::PathBuf {
+        self.dir.join("dl")
+    }
+}
+
+/// Exports the server's public key with the CLI to `path`.
+pub(crate) fn export_key(s: &Server, path: &Path) {
+    let exported = s.cli(&["apt", "export-key", "-o", path.to_str().expect("path")]);
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
 }
 
 #[test]
@@ -88,43 +157,8 @@ fn publish_serve_and_install_with_signed_by() {
 
     // Real apt, isolated from the machine's own configuration.
     let d = tmp.path().join("apt");
-    for sub in ["lists/partial", "cache/archives/partial", "dl"] {
-        std::fs::create_dir_all(d.join(sub)).expect("mkdir");
-    }
-    std::fs::write(d.join("status"), "").expect("status");
-    std::fs::write(
-        d.join("sources.list"),
-        format!(
-            "deb [signed-by={}] {}/apt/ stable main\n",
-            key.display(),
-            s.url("")
-        ),
-    )
-    .expect("sources");
-    let apt = |args: &[&str]| {
-        let out = Command::new("apt-get")
-            .arg("-q")
-            .arg(format!(
-                "-oDir::Etc::sourcelist={}",
-                d.join("sources.list").display()
-            ))
-            .arg("-oDir::Etc::sourceparts=-")
-            .arg(format!("-oDir::State::Lists={}", d.join("lists").display()))
-            .arg(format!(
-                "-oDir::State::status={}",
-                d.join("status").display()
-            ))
-            .arg(format!("-oDir::Cache={}", d.join("cache").display()))
-            .arg("-oAPT::Sandbox::User=root")
-            .arg("-oAcquire::Languages=none")
-            .args(args)
-            .current_dir(d.join("dl"))
-            .output()
-            .expect("apt-get");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
-    };
+    let apt = AptClient::new(&s, &d, &key);
+    let apt = |args: &[&str]| apt.run(args);
     let (ok, text) = apt(&["update"]);
     assert!(
         ok && !text.contains("W:") && !text.contains("E:"),
@@ -138,7 +172,7 @@ fn publish_serve_and_install_with_signed_by() {
     );
 }
 
-fn git(dir: &Path, args: &[&str]) -> String {
+pub(crate) fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .args(args)
         .current_dir(dir)
@@ -159,7 +193,7 @@ fn git(dir: &Path, args: &[&str]) -> String {
 /// Makes `src` a git repository (branch main, one commit) following the
 /// conventions, with these bodies for script/cisetup, script/cibuild and
 /// script/post-inst; returns the commit.
-fn convention_repo(src: &Path, bodies: [&str; 3]) -> String {
+pub(crate) fn convention_repo(src: &Path, bodies: [&str; 3]) -> String {
     for (script, body) in ["script/cisetup", "script/cibuild", "script/post-inst"]
         .into_iter()
         .zip(bodies)

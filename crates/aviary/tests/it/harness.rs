@@ -35,6 +35,8 @@ pub struct Server {
     pub database: String,
     pub packs: Vec<PathBuf>,
     pub extra_args: Vec<String>,
+    /// The address the server binds (127.0.0.1, or 0.0.0.0 for test hosts).
+    pub listen_ip: String,
     schema: Option<String>,
     stderr_path: PathBuf,
 }
@@ -43,7 +45,7 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_aviary")
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
 }
@@ -54,6 +56,12 @@ impl Server {
     }
 
     pub fn start_with(backend: Backend, packs: &[&Path], extra: &[&str]) -> Server {
+        Self::start_on(backend, packs, extra, "127.0.0.1")
+    }
+
+    /// Like [`Server::start_with`], bound on `ip` (`0.0.0.0` to be reachable
+    /// from test hosts through their bridge).
+    pub fn start_on(backend: Backend, packs: &[&Path], extra: &[&str], ip: &str) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let (database, schema) = match backend {
             Backend::Sqlite => (
@@ -74,6 +82,7 @@ impl Server {
             database,
             packs: packs.iter().map(|p| p.to_path_buf()).collect(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            listen_ip: ip.to_string(),
             schema,
             stderr_path: dir.path().join("server.log"),
             dir,
@@ -100,7 +109,7 @@ impl Server {
         let mut cmd = Command::new(bin());
         cmd.arg("server")
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(format!("{}:{}", self.listen_ip, self.port))
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--database")

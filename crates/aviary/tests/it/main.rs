@@ -4,9 +4,15 @@
 
 mod harness;
 
+mod agent_apt;
 mod apt;
+mod ci;
 mod cli;
+mod deploy;
 mod durability;
+mod githook;
+mod jenkins;
 mod packs;
 mod webhooks;
+mod workflow_ops;
 mod workflows;

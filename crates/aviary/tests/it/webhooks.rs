@@ -220,9 +220,11 @@ criteria:
 action:
   ref: core.echo
   parameters:
-    message: "{{ trigger.body.repository.name }} {{ st2kv.system.greeting }}"
+    message: "{{ trigger.body.repository.name }} {{ st2kv.system.greeting }} {{ config_context.apps[trigger.body.repository.name].role }} {{ (config_context.apps['other'] | default({})).role | default('app') }}"
 "#,
     );
+    // Pack settings (StackStorm's pack config) reach templates as config_context.
+    write(&pack.join("config.yaml"), "apps:\n  app:\n    role: web\n");
     let s = Server::start(Backend::Sqlite, &[&pack]);
     assert!(s.cli(&["key", "set", "greeting", "hello"]).status.success());
     let send = |git_ref: &str, msg: &str| {
@@ -247,7 +249,7 @@ action:
     let exec = s.wait_execution(execs[0]["id"].as_str().unwrap_or_default());
     assert_eq!(
         exec["result"]["stdout"].as_str().unwrap_or_default().trim(),
-        "app hello"
+        "app hello web app"
     );
 }
 

@@ -45,9 +45,16 @@ fn content_type(path: &Path) -> &'static str {
     }
 }
 
+/// The URL path (under `/apt/`) of the repository's public signing key, in
+/// the binary format `signed-by=` takes.
+pub const KEY_PATH: &str = "aviary-archive-keyring.gpg";
+
 /// `GET /apt/{*path}`.
 pub async fn serve(State(state): State<AppState>, UrlPath(path): UrlPath<String>) -> Response {
     let root = repo_dir(&state.engine.config.data_dir);
+    if path.trim_start_matches('/') == KEY_PATH {
+        return public_key(root).await;
+    }
     let Some(file) = resolve(&root, &path) else {
         return (StatusCode::NOT_FOUND, "not found\n").into_response();
     };
@@ -77,6 +84,32 @@ pub async fn serve(State(state): State<AppState>, UrlPath(path): UrlPath<String>
             _ => (StatusCode::NOT_FOUND, "not found\n").into_response(),
         },
         Err(_) => (StatusCode::NOT_FOUND, "not found\n").into_response(),
+    }
+}
+
+/// The public key of the repository (created with the repository if there
+/// is none yet), so agents can configure `signed-by=`.
+async fn public_key(root: PathBuf) -> Response {
+    let key = tokio::task::spawn_blocking(move || {
+        aviary_packaging::apt::Repository::open_or_create(&root, Default::default())
+            .and_then(|r| r.export_public_key())
+    })
+    .await;
+    match key {
+        Ok(Ok(bytes)) => (
+            [(header::CONTENT_TYPE, "application/pgp-keys")],
+            Body::from(bytes),
+        )
+            .into_response(),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot export the APT repository's public key");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the APT repository key is unavailable; see the server log\n",
+            )
+                .into_response()
+        }
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "key export failed\n").into_response(),
     }
 }
 

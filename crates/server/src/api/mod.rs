@@ -4,9 +4,12 @@
 //! the APT repository read-only.
 
 pub mod apt;
+mod deploy;
 mod executions;
+mod jenkins;
 mod resources;
 mod webhooks;
+mod workflows;
 
 use std::sync::Arc;
 
@@ -116,6 +119,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/apt/{*path}", get(apt::serve))
+        .route("/api/v1/webhooks/jenkins", post(jenkins::receive))
         .route("/api/v1/webhooks/{*url}", post(webhooks::receive))
         .route(
             "/api/v1/executions",
@@ -123,6 +127,12 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/executions/{id}", get(executions::get_one))
         .route("/api/v1/executions/{id}/cancel", post(executions::cancel))
+        .route("/api/v1/executions/{id}/pause", post(workflows::pause))
+        .route("/api/v1/executions/{id}/resume", post(workflows::resume))
+        .route("/api/v1/executions/{id}/tasks", get(workflows::tasks))
+        .route("/api/v1/inquiries", get(workflows::list))
+        .route("/api/v1/inquiries/{id}", get(workflows::get_one))
+        .route("/api/v1/inquiries/{id}/respond", post(workflows::respond))
         .route("/api/v1/executions/{id}/output", get(executions::output))
         .route("/api/v1/executions/{id}/stream", get(executions::stream))
         .route("/api/v1/actions", get(resources::list_actions))
@@ -165,6 +175,30 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/packs/reload", post(resources::reload_packs))
         .route("/api/v1/audit", get(resources::list_audit))
         .route("/api/v1/stats", get(resources::stats))
+        .route(
+            "/api/v1/hosts",
+            get(deploy::list_hosts).post(deploy::add_host),
+        )
+        .route(
+            "/api/v1/hosts/{name}",
+            get(deploy::get_host).delete(deploy::delete_host),
+        )
+        .route(
+            "/api/v1/hosts/{name}/token",
+            post(deploy::create_agent_token).delete(deploy::revoke_agent_token),
+        )
+        .route("/api/v1/versions", get(deploy::list_versions))
+        .route("/api/v1/versions/{app}", get(deploy::get_versions))
+        .route(
+            "/api/v1/versions/{app}/production",
+            axum::routing::put(deploy::set_production),
+        )
+        .route("/api/v1/deploys", post(deploy::create_deploy))
+        .route("/api/v1/deploy-locks", get(deploy::list_locks))
+        .route("/api/v1/agent/register", post(deploy::agent_register))
+        .route("/api/v1/agent/report", post(deploy::agent_report))
+        .route("/api/v1/agent/versions", get(deploy::agent_versions))
+        .route("/api/v1/agent/watch", get(deploy::agent_watch))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)

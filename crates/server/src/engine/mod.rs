@@ -9,7 +9,11 @@
 //! - [`timers`] fires the rules on timer triggers.
 //! - [`output`] carries live output to subscribers and into the store.
 //! - [`workflow`] runs Orquesta workflows durably, one step per ended child.
+//! - [`ci`] runs the packaging steps (`deb-build`, `apt-publish`,
+//!   `ci-package`), limits concurrent CI builds and purges old build logs.
 
+pub mod ci;
+pub mod inquiry;
 pub mod output;
 pub mod scheduler;
 pub mod timers;
@@ -64,6 +68,10 @@ pub struct Engine {
     pub output: Arc<output::OutputHub>,
     /// Woken whenever the registry changes (timers re-plan).
     pub registry_changed: Notify,
+    /// CI slots and the APT repository of the packaging steps.
+    pub ci: ci::CiState,
+    /// Advertised versions for agents and deploys.
+    pub deploy: crate::deploy::DeployHub,
 }
 
 /// What [`Engine::ingest`] did with an event.
@@ -235,8 +243,14 @@ impl Engine {
             .actions
             .get(&rule.action.reference)
             .ok_or_else(|| format!("action '{}' does not exist", rule.action.reference))?;
+        let mut ctx = ctx.clone();
+        ctx["config_context"] = registry
+            .configs
+            .get(&rule.pack)
+            .cloned()
+            .unwrap_or_else(|| json!({}));
         let (ctx, kv_secrets) = self
-            .with_datastore(ctx, &rule.action.parameters)
+            .with_datastore(&ctx, &rule.action.parameters)
             .await
             .map_err(|e| format!("datastore: {e}"))?;
         let rendered = self
@@ -584,11 +598,27 @@ impl Engine {
                 now,
             )
             .await?;
+        // An inquiry waiting for its answer ends at once.
+        let canceled_now = canceled_now
+            || self
+                .store
+                .transition_execution(
+                    id,
+                    &[ExecutionStatus::Pending],
+                    ExecutionStatus::Canceled,
+                    Some(json!({"error": "the inquiry was canceled before an answer"})),
+                    now,
+                )
+                .await?;
         if !canceled_now {
             self.store
                 .transition_execution(
                     id,
-                    &[ExecutionStatus::Running],
+                    &[
+                        ExecutionStatus::Running,
+                        ExecutionStatus::Pausing,
+                        ExecutionStatus::Paused,
+                    ],
                     ExecutionStatus::Canceling,
                     None,
                     now,

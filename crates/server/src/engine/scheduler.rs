@@ -81,6 +81,33 @@ pub async fn run_scheduler(engine: Arc<Engine>, shutdown: CancellationToken) {
                 },
             };
             let engine = engine.clone();
+            if new.execution.runner == super::ci::CI_BUILD
+                && let Some(slots) = engine.ci.slots.clone()
+            {
+                // A CI build waits for a CI slot in the queue (still
+                // `scheduled`), holding no worker meanwhile.
+                drop(permit);
+                let permits = permits.clone();
+                tokio::spawn(async move {
+                    if new.execution.parameters.get("cancel_previous") != Some(&Value::Bool(false))
+                        && let Some(params) = new.execution.parameters.as_object()
+                    {
+                        engine
+                            .cancel_superseded_builds(&new.execution, params)
+                            .await;
+                    }
+                    let Ok(slot) = slots.acquire_owned().await else {
+                        return;
+                    };
+                    let Ok(permit) = permits.acquire_owned().await else {
+                        return;
+                    };
+                    run_one(&engine, new).await;
+                    drop(permit);
+                    drop(slot);
+                });
+                continue;
+            }
             tokio::spawn(async move {
                 run_one(&engine, new).await;
                 drop(permit);
@@ -151,6 +178,11 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) {
         super::workflow::start(engine, &exec, params, secrets).await;
         return;
     }
+    if exec.runner == super::inquiry::INQUIRY_RUNNER {
+        // Holds no worker either: it waits for an answer.
+        super::inquiry::open(engine, &exec, params).await;
+        return;
+    }
     match engine
         .store
         .transition_execution(
@@ -203,6 +235,38 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) {
     engine
         .output
         .send(&id, LiveEvent::Status(ExecutionStatus::Running));
+    if exec.runner == crate::deploy::DEPLOY_RUNNER {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pump_task = tokio::spawn(pump(
+            engine.store.clone(),
+            engine.output.clone(),
+            id.clone(),
+            rx,
+        ));
+        let (status, result) =
+            crate::deploy::run::run(engine, &exec, &params, tx, cancel.clone()).await;
+        let _ = pump_task.await;
+        let status = if cancel.is_cancelled() {
+            ExecutionStatus::Canceled
+        } else {
+            status
+        };
+        finish(
+            engine,
+            &id,
+            &[ExecutionStatus::Running, ExecutionStatus::Canceling],
+            status,
+            result,
+        )
+        .await;
+        engine.output.send(&id, LiveEvent::Status(status));
+        if let Ok(mut running) = engine.running.lock() {
+            running.remove(&id);
+        }
+        engine.output.close(&id);
+        engine.emit_execution_triggers(&id).await;
+        return;
+    }
     let work_dir = engine.config.data_dir.join("work").join(&id);
     // A token valid while the action runs, so it can call the API (emit
     // triggers, read keys); revoked when it ends.
@@ -247,7 +311,11 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) {
                 id.clone(),
                 rx,
             ));
-            let outcome = run(req, tx, cancel.clone()).await;
+            let outcome = if super::ci::runs_in_server(&req.runner_type) {
+                super::ci::run(engine, req, tx, cancel.clone()).await
+            } else {
+                run(req, tx, cancel.clone()).await
+            };
             let _ = pump_task.await;
             Some(outcome)
         }
@@ -349,6 +417,8 @@ fn merge_secrets(
                     Value::String(s) => s.clone(),
                     other => other.to_string(),
                 });
+                // Every value inside an object or array secret too.
+                secret_leaves(v, &mut secrets);
                 params.insert(k.clone(), v.clone());
             }
         }
@@ -358,6 +428,23 @@ fn merge_secrets(
     }
     secrets.retain(|s| !s.is_empty());
     Ok((params, secrets))
+}
+
+/// The scalar values inside a secret object or array (masked one by one).
+fn secret_leaves(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => m.values().for_each(|v| leaf(v, out)),
+        Value::Array(a) => a.iter().for_each(|v| leaf(v, out)),
+        _ => {}
+    }
+    fn leaf(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) => out.push(s.clone()),
+            Value::Number(_) => out.push(v.to_string()),
+            Value::Null | Value::Bool(_) => {}
+            _ => secret_leaves(v, out),
+        }
+    }
 }
 
 fn prepare_request(

@@ -277,6 +277,7 @@ fn run_commands(
                 {
                     result["error"] = json!(first.message);
                 }
+
                 stored.finish = Some((to, result));
             }
         }
@@ -443,7 +444,16 @@ pub async fn step(engine: &Engine, wf_id: &str) -> bool {
         if wf.status == ExecutionStatus::Canceling
             && stored.conductor.status == conductor::WorkflowStatus::Running
         {
+            stored.conductor.paused = false;
             commands.extend(conductor::cancel(&spec, &mut stored.conductor, env()));
+            changed = true;
+        }
+        let pausing = matches!(
+            wf.status,
+            ExecutionStatus::Pausing | ExecutionStatus::Paused
+        );
+        if pausing && !stored.conductor.paused && !stored.conductor.finished {
+            conductor::pause(&mut stored.conductor);
             changed = true;
         }
         for kid in &kids {
@@ -469,7 +479,21 @@ pub async fn step(engine: &Engine, wf_id: &str) -> bool {
                 }
             }
         }
+        if wf.status == ExecutionStatus::Running && stored.conductor.paused {
+            commands.extend(conductor::resume(&spec, &mut stored.conductor, env()));
+            changed = true;
+        }
+        // Fully paused once nothing of it runs: every unfinished child is
+        // itself paused or waits for an answer.
+        let settled = wf.status == ExecutionStatus::Pausing
+            && kids.iter().all(|k| {
+                k.status.is_terminal()
+                    || matches!(k.status, ExecutionStatus::Paused | ExecutionStatus::Pending)
+            });
         if !changed {
+            if settled {
+                mark_paused(engine, wf_id).await;
+            }
             return false;
         }
         let children = run_commands(engine, &spec, wf_id, &mut stored, commands);
@@ -499,6 +523,9 @@ pub async fn step(engine: &Engine, wf_id: &str) -> bool {
         if let Some((status, result)) = stored.finish {
             return complete(engine, wf_id, status, result).await;
         }
+        if settled {
+            mark_paused(engine, wf_id).await;
+        }
         return false;
     }
     tracing::warn!(
@@ -519,12 +546,36 @@ async fn fail_running(engine: &Engine, wf_id: &str, msg: String) {
 }
 
 /// Moves the workflow execution to its final status. Returns whether it changed.
-async fn complete(engine: &Engine, wf_id: &str, status: ExecutionStatus, result: Value) -> bool {
+async fn complete(
+    engine: &Engine,
+    wf_id: &str,
+    mut status: ExecutionStatus,
+    mut result: Value,
+) -> bool {
+    if status == ExecutionStatus::Canceled
+        && let Ok(Some(wf)) = engine.store.get_execution(wf_id).await
+        && let Some(secs) = timeout_of(&wf)
+        && deadline_passed(&wf)
+    {
+        status = ExecutionStatus::Timeout;
+        let msg = format!("the workflow ran past its timeout of {secs} s; its tasks were canceled");
+        match &mut result {
+            Value::Object(m) => {
+                m.insert("error".into(), json!(msg));
+            }
+            other => *other = json!({"error": msg}),
+        }
+    }
     let changed = match engine
         .store
         .transition_execution(
             wf_id,
-            &[ExecutionStatus::Running, ExecutionStatus::Canceling],
+            &[
+                ExecutionStatus::Running,
+                ExecutionStatus::Canceling,
+                ExecutionStatus::Pausing,
+                ExecutionStatus::Paused,
+            ],
             status,
             Some(result),
             Utc::now(),
@@ -542,6 +593,173 @@ async fn complete(engine: &Engine, wf_id: &str, status: ExecutionStatus, result:
         engine.emit_execution_triggers(wf_id).await;
     }
     changed
+}
+
+async fn mark_paused(engine: &Engine, wf_id: &str) {
+    if let Err(e) = engine
+        .store
+        .transition_execution(
+            wf_id,
+            &[ExecutionStatus::Pausing],
+            ExecutionStatus::Paused,
+            None,
+            Utc::now(),
+        )
+        .await
+    {
+        tracing::warn!(workflow = wf_id, error = %e, "cannot mark a workflow paused");
+    }
+}
+
+/// Why a pause or resume request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    /// No such execution.
+    #[error("no execution '{0}'; see `aviary execution list`")]
+    NotFound(String),
+    /// Not a workflow, or not in a state that allows it.
+    #[error("{0}")]
+    Conflict(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] aviary_store::StoreError),
+}
+
+async fn unfinished_workflow_children(
+    engine: &Engine,
+    wf_id: &str,
+) -> Result<Vec<Execution>, aviary_store::StoreError> {
+    let filter = ExecutionFilter {
+        parent_id: Some(wf_id.to_string()),
+        limit: MAX_CHILDREN,
+        ..Default::default()
+    };
+    Ok(engine
+        .store
+        .list_executions(&filter)
+        .await?
+        .into_iter()
+        .filter(|k| k.runner == WORKFLOW_RUNNER && !k.status.is_terminal())
+        .collect())
+}
+
+/// Pauses a workflow and its subworkflows: running tasks may end, no new
+/// task starts; it is `pausing` until nothing of it runs, then `paused`.
+/// The pause is stored, so it survives a restart.
+pub async fn pause(engine: &Engine, id: &str) -> Result<Execution, PauseError> {
+    let exec = engine
+        .store
+        .get_execution(id)
+        .await?
+        .ok_or_else(|| PauseError::NotFound(id.to_string()))?;
+    if exec.runner != WORKFLOW_RUNNER {
+        return Err(PauseError::Conflict(format!(
+            "execution '{id}' runs action '{}', not a workflow; only workflows can be paused",
+            exec.action
+        )));
+    }
+    match exec.status {
+        ExecutionStatus::Pausing | ExecutionStatus::Paused => {}
+        ExecutionStatus::Running => {
+            engine
+                .store
+                .transition_execution(
+                    id,
+                    &[ExecutionStatus::Running],
+                    ExecutionStatus::Pausing,
+                    None,
+                    Utc::now(),
+                )
+                .await?;
+        }
+        other => {
+            return Err(PauseError::Conflict(format!(
+                "workflow '{id}' is {}; only a running workflow can be paused",
+                other.as_str()
+            )));
+        }
+    }
+    for kid in unfinished_workflow_children(engine, id).await? {
+        if kid.status == ExecutionStatus::Running
+            && let Err(e) = Box::pin(pause(engine, &kid.id)).await
+        {
+            tracing::warn!(workflow = id, child = %kid.id, error = %e, "cannot pause a subworkflow");
+        }
+    }
+    Box::pin(on_workflow_changed(engine, id)).await;
+    engine
+        .store
+        .get_execution(id)
+        .await?
+        .ok_or_else(|| PauseError::NotFound(id.to_string()))
+}
+
+/// Resumes a paused (or pausing) workflow and its paused subworkflows.
+pub async fn resume(engine: &Engine, id: &str) -> Result<Execution, PauseError> {
+    let exec = engine
+        .store
+        .get_execution(id)
+        .await?
+        .ok_or_else(|| PauseError::NotFound(id.to_string()))?;
+    if exec.runner != WORKFLOW_RUNNER {
+        return Err(PauseError::Conflict(format!(
+            "execution '{id}' runs action '{}', not a workflow; only workflows can be resumed",
+            exec.action
+        )));
+    }
+    match exec.status {
+        ExecutionStatus::Pausing | ExecutionStatus::Paused => {
+            engine
+                .store
+                .transition_execution(
+                    id,
+                    &[ExecutionStatus::Pausing, ExecutionStatus::Paused],
+                    ExecutionStatus::Running,
+                    None,
+                    Utc::now(),
+                )
+                .await?;
+        }
+        ExecutionStatus::Running => {}
+        other => {
+            return Err(PauseError::Conflict(format!(
+                "workflow '{id}' is {}; only a paused workflow can be resumed",
+                other.as_str()
+            )));
+        }
+    }
+    for kid in unfinished_workflow_children(engine, id).await? {
+        if matches!(
+            kid.status,
+            ExecutionStatus::Pausing | ExecutionStatus::Paused
+        ) && let Err(e) = Box::pin(resume(engine, &kid.id)).await
+        {
+            tracing::warn!(workflow = id, child = %kid.id, error = %e, "cannot resume a subworkflow");
+        }
+    }
+    Box::pin(on_workflow_changed(engine, id)).await;
+    engine
+        .store
+        .get_execution(id)
+        .await?
+        .ok_or_else(|| PauseError::NotFound(id.to_string()))
+}
+
+/// The outermost workflow an execution belongs to (itself if none).
+pub async fn root_workflow(engine: &Engine, id: &str) -> Option<String> {
+    let mut current = engine.store.get_execution(id).await.ok().flatten()?;
+    let mut root = None;
+    while let Some(parent) = current.parent_id.clone() {
+        let Ok(Some(p)) = engine.store.get_execution(&parent).await else {
+            break;
+        };
+        if p.runner != WORKFLOW_RUNNER {
+            break;
+        }
+        root = Some(p.id.clone());
+        current = p;
+    }
+    root
 }
 
 /// Cancels the non-terminal children of a workflow being canceled, then
@@ -572,11 +790,48 @@ async fn on_workflow_changed(engine: &Engine, wf_id: &str) {
     }
 }
 
+/// The workflow's `timeout` parameter (seconds), if set.
+fn timeout_of(wf: &Execution) -> Option<i64> {
+    wf.parameters
+        .get("timeout")
+        .and_then(Value::as_i64)
+        .filter(|t| *t > 0)
+}
+
+fn deadline_passed(wf: &Execution) -> bool {
+    match (timeout_of(wf), wf.started_at) {
+        (Some(secs), Some(started)) => Utc::now() >= started + chrono::Duration::seconds(secs),
+        _ => false,
+    }
+}
+
+/// Stops a workflow that ran past its `timeout`: it is canceled (running
+/// tasks and subworkflows too) and ends as `timeout`.
+async fn enforce_timeout(engine: &Engine, wf_id: &str) {
+    let Ok(Some(wf)) = engine.store.get_execution(wf_id).await else {
+        return;
+    };
+    if matches!(
+        wf.status,
+        ExecutionStatus::Running | ExecutionStatus::Pausing | ExecutionStatus::Paused
+    ) && deadline_passed(&wf)
+    {
+        tracing::info!(
+            workflow = wf_id,
+            "workflow ran past its timeout; canceling it"
+        );
+        if let Err(e) = Box::pin(engine.cancel(wf_id)).await {
+            tracing::warn!(workflow = wf_id, error = %e, "cannot stop a timed-out workflow");
+        }
+    }
+}
+
 /// Steps every running workflow of this node now and then every few
 /// seconds, until `shutdown`: resumes workflows after a crash and catches
 /// any step missed.
 pub async fn run_resume(engine: Arc<Engine>, shutdown: CancellationToken) {
     loop {
+        super::inquiry::expire(&engine).await;
         match engine
             .store
             .list_running_workflows(Some(&engine.config.node))
@@ -587,6 +842,7 @@ pub async fn run_resume(engine: Arc<Engine>, shutdown: CancellationToken) {
                     if shutdown.is_cancelled() {
                         return;
                     }
+                    enforce_timeout(&engine, &id).await;
                     on_workflow_changed(&engine, &id).await;
                 }
             }
@@ -597,4 +853,141 @@ pub async fn run_resume(engine: Arc<Engine>, shutdown: CancellationToken) {
             _ = tokio::time::sleep(RESUME_EVERY) => {}
         }
     }
+}
+
+/// The task tree of a workflow execution: one node per task instance
+/// (task, route, status, times, published values, the child executions
+/// that ran it), subworkflows nested under their task. Secret values of
+/// the workflow's parameters are masked.
+pub async fn task_tree(engine: &Engine, id: &str) -> Result<Value, PauseError> {
+    let exec = engine
+        .store
+        .get_execution(id)
+        .await?
+        .ok_or_else(|| PauseError::NotFound(id.to_string()))?;
+    if exec.runner != WORKFLOW_RUNNER {
+        return Err(PauseError::Conflict(format!(
+            "execution '{id}' runs action '{}', not a workflow; it has no tasks",
+            exec.action
+        )));
+    }
+    Ok(Box::pin(tree_of(engine, &exec, 0)).await)
+}
+
+fn mask(value: &Value, secrets: &[String]) -> Value {
+    match value {
+        Value::String(s) => {
+            let mut out = s.clone();
+            for secret in secrets.iter().filter(|x| !x.is_empty()) {
+                out = out.replace(secret.as_str(), "********");
+            }
+            Value::String(out)
+        }
+        Value::Array(a) => Value::Array(a.iter().map(|v| mask(v, secrets)).collect()),
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| (k.clone(), mask(v, secrets)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+fn spec_has_task(engine: &Engine, action: &str, task: &str) -> bool {
+    engine
+        .registry
+        .load()
+        .workflows
+        .get(action)
+        .is_some_and(|spec| spec.tasks.contains_key(task))
+}
+
+async fn tree_of(engine: &Engine, wf: &Execution, depth: usize) -> Value {
+    let stored = match engine.store.load_workflow(&wf.id).await {
+        Ok(Some((_, value))) => unseal(engine, value).ok(),
+        _ => None,
+    };
+    let Some(stored) = stored else {
+        return json!({"id": wf.id, "action": wf.action, "status": wf.status, "tasks": []});
+    };
+    let filter = ExecutionFilter {
+        parent_id: Some(wf.id.clone()),
+        limit: MAX_CHILDREN,
+        ..Default::default()
+    };
+    let mut kids = engine
+        .store
+        .list_executions(&filter)
+        .await
+        .unwrap_or_default();
+    kids.reverse();
+    // Each child goes to the first entry of its task instance that was
+    // still open when the child was created (cycles make several entries).
+    let seq = &stored.conductor.sequence;
+    let mut assigned: Vec<Vec<&Execution>> = vec![Vec::new(); seq.len()];
+    for k in &kids {
+        let Some(t) = stored.children.get(&k.id) else {
+            continue;
+        };
+        let slot = seq.iter().position(|e| {
+            e.id == t.id && e.route == t.route && e.finished_at.is_none_or(|f| k.created_at <= f)
+        });
+        if let Some(i) = slot {
+            assigned[i].push(k);
+        }
+    }
+    let mut tasks = Vec::new();
+    for (entry, mine) in seq.iter().zip(assigned) {
+        // The implicit `continue` of transitions without `do` is noise here.
+        if entry.id == "continue" && !spec_has_task(engine, &wf.action, "continue") {
+            continue;
+        }
+        let mut executions = Vec::new();
+        for k in &mine {
+            let mut node = json!({
+                "id": k.id,
+                "action": k.action,
+                "status": k.status,
+                "item": stored.children.get(&k.id).and_then(|t| t.item),
+                "started_at": k.started_at,
+                "finished_at": k.finished_at,
+            });
+            if k.runner == WORKFLOW_RUNNER && depth < 8 {
+                node["workflow"] = Box::pin(tree_of(engine, k, depth + 1)).await;
+            }
+            executions.push(node);
+        }
+        // Times of the actions that ran the task (the entry's own times
+        // for tasks without an action).
+        let started = mine
+            .iter()
+            .filter_map(|k| k.started_at)
+            .min()
+            .unwrap_or(entry.started_at);
+        let finished = if mine.is_empty() {
+            entry.finished_at
+        } else if mine.iter().all(|k| k.finished_at.is_some()) {
+            mine.iter().filter_map(|k| k.finished_at).max()
+        } else {
+            None
+        };
+        let duration = finished.map(|f| (f - started).num_milliseconds() as f64 / 1000.0);
+        tasks.push(json!({
+            "task": entry.id,
+            "route": entry.route,
+            "status": entry.status.as_str(),
+            "started_at": started,
+            "finished_at": finished,
+            "duration": duration,
+            "published": mask(&Value::Object(entry.published.clone()), &stored.secrets),
+            "executions": executions,
+        }));
+    }
+    json!({
+        "id": wf.id,
+        "action": wf.action,
+        "status": wf.status,
+        "paused": stored.conductor.paused,
+        "tasks": tasks,
+    })
 }
