@@ -206,6 +206,7 @@ pub(crate) async fn run(
     }
 
     let semaphore = Arc::new(Semaphore::new(concurrency));
+    let stop = CancellationToken::new();
     let masker = Arc::new(masker.clone());
     let stdin_data = Arc::new(stdin_data);
     let mut outs: Vec<(Target, Arc<Mutex<HostOut>>)> = Vec::new();
@@ -221,11 +222,16 @@ pub(crate) async fn run(
         let masker = Arc::clone(&masker);
         let stdin_data = Arc::clone(&stdin_data);
         let tx = output.clone();
+        let stop = stop.clone();
         tasks.spawn(async move {
-            let Ok(_permit) = semaphore.acquire_owned().await else {
-                return (i, None, Some("could not start".to_owned()));
+            let _permit = tokio::select! {
+                p = semaphore.acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return (i, None, Some("could not start".to_owned())),
+                },
+                _ = stop.cancelled() => return (i, None, None),
             };
-            let (code, err) = run_host(&target, argv, stdin_data, out, masker, tx).await;
+            let (code, err) = run_host(&target, argv, stdin_data, out, masker, tx, stop).await;
             (i, code, err)
         });
     }
@@ -244,7 +250,15 @@ pub(crate) async fn run(
             _ = cancel.cancelled() => break Some(ExecutionStatus::Canceled),
         }
     };
-    // Dropping the tasks drops their ssh children, which are killed on drop.
+    if stopped.is_some() {
+        // Every host still running kills its ssh and waits for it to exit.
+        stop.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+    }
+    // Safety net: dropping a task drops its ssh child, which is killed on drop.
     tasks.shutdown().await;
 
     let mut result = Map::new();
@@ -304,7 +318,8 @@ pub(crate) async fn run(
     })
 }
 
-/// Runs ssh for one host; returns its exit code (None if killed or not
+/// Runs ssh for one host (until it ends or `stop` fires: then ssh is killed
+/// and reaped); returns its exit code (None if killed or not
 /// started) and an error message if it could not run.
 async fn run_host(
     target: &Target,
@@ -313,6 +328,7 @@ async fn run_host(
     out: Arc<Mutex<HostOut>>,
     masker: Arc<Masker>,
     tx: UnboundedSender<OutputEvent>,
+    stop: CancellationToken,
 ) -> (Option<i32>, Option<String>) {
     let mut cmd = tokio::process::Command::new("ssh");
     cmd.args(&argv)
@@ -355,7 +371,17 @@ async fn run_host(
         tx.clone(),
     );
     let pump_err = pump(child.stderr.take(), Stream::Stderr, prefix, out, masker, tx);
-    let (status, (), ()) = tokio::join!(child.wait(), pump_out, pump_err);
+    let status = tokio::select! {
+        (status, (), ()) = async { tokio::join!(child.wait(), pump_out, pump_err) } => status,
+        _ = stop.cancelled() => {
+            // Killed and reaped before the run reports its end.
+            let _ = child.kill().await;
+            if let Some(w) = writer {
+                w.abort();
+            }
+            return (None, None);
+        }
+    };
     if let Some(w) = writer {
         w.abort();
     }

@@ -194,7 +194,7 @@ async fn a_draining_server_gets_no_new_requests() {
         .await
         .unwrap();
     let counts = tally(&s.url, 100, None).await;
-    assert!(counts.get("p2").is_some(), "{counts:?}");
+    assert!(counts.contains_key("p2"), "{counts:?}");
 
     // From the inventory: draining in the snapshot, applied by a reload.
     s.snapshot.apps[0].production[0].draining = true;
