@@ -263,7 +263,10 @@ fn load_workflows(reg: &mut Registry, problems: &mut Vec<Diagnostic>) {
                     // Values must not be spliced into shell text: expressions in a
                     // shell command's `cmd` are refused (use `env` instead).
                     if let Some(action) = reg.actions.get(target)
-                        && action.runner_type == "local-shell-cmd"
+                        && matches!(
+                            action.runner_type.as_str(),
+                            "local-shell-cmd" | "remote-shell-cmd"
+                        )
                         && task
                             .input
                             .get("cmd")

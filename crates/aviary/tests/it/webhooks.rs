@@ -383,3 +383,44 @@ fn form_encoded_github_payloads_are_accepted() {
         );
     }
 }
+
+#[test]
+fn event_data_reaches_a_remote_shell_only_through_the_environment() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pack = dir.path().join("remote");
+    write(
+        &pack.join("pack.yaml"),
+        "ref: remote\nname: remote\ndescription: remote shell test\nversion: 0.0.1\n",
+    );
+    write(
+        &pack.join("rules/deploy.yaml"),
+        r#"name: deploy
+pack: remote
+trigger:
+  type: core.st2.webhook
+  parameters:
+    url: deploy
+action:
+  ref: core.remote
+  parameters:
+    hosts: 127.0.0.1
+    cmd: "deploy {{ trigger.body.ref }}"
+    timeout: 5
+"#,
+    );
+    let s = Server::start(Backend::Sqlite, &[&pack]);
+    let evil = "main; touch /tmp/pwned-remote";
+    let r = s
+        .http()
+        .post(s.url("/api/v1/webhooks/deploy"))
+        .bearer_auth(&s.token)
+        .json(&json!({"ref": evil}))
+        .send()
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 202);
+    let execs = s.executions("action=core.remote");
+    assert_eq!(execs.len(), 1);
+    let params = &execs[0]["parameters"];
+    assert_eq!(params["cmd"], "deploy \"${AVIARY_ARG_0}\"", "{params}");
+    assert_eq!(params["env"]["AVIARY_ARG_0"], evil, "{params}");
+}

@@ -44,7 +44,9 @@ use crate::packs::Registry;
 pub const CI_BUILD_TRIGGER: &str = "aviary.ci.build";
 
 /// The runner whose `cmd` parameter is shell text.
-const SHELL_CMD_RUNNER: &str = "local-shell-cmd";
+/// Runners whose `cmd` is shell text (locally or on remote hosts): template
+/// values in it go into environment variables, never into the text.
+const SHELL_CMD_RUNNERS: [&str; 2] = ["local-shell-cmd", "remote-shell-cmd"];
 
 /// Shared state of the engine.
 pub struct Engine {
@@ -332,7 +334,7 @@ impl Engine {
         let mut out = Map::new();
         let mut shell_env: Vec<(String, String)> = Vec::new();
         for (name, value) in params {
-            if action.runner_type == SHELL_CMD_RUNNER
+            if SHELL_CMD_RUNNERS.contains(&action.runner_type.as_str())
                 && name == "cmd"
                 && let Value::String(text) = value
             {
