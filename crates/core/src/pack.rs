@@ -441,6 +441,9 @@ mod tests {
             refs,
             vec![
                 "core.ci_build",
+                "core.deploy_canary",
+                "core.deploy_promote",
+                "core.deploy_rollback",
                 "core.echo",
                 "core.http",
                 "core.inject_trigger",
