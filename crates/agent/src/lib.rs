@@ -149,18 +149,19 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         .iter()
         .filter_map(|t| parse_tag(t).ok().map(|t| t.app))
         .collect();
-    {
-        let mut st = agent.statuses.lock().unwrap_or_else(|e| e.into_inner());
-        for app in &apps {
-            let installed = installed_version(app).await;
-            st.insert(
+    for app in &apps {
+        let installed = installed_version(app).await;
+        agent
+            .statuses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
                 app.clone(),
                 AppStatus {
                     installed,
                     ..AppStatus::default()
                 },
             );
-        }
     }
     agent.register().await?;
     let (tx, rx) = watch::channel::<Option<Vec<Assignment>>>(None);

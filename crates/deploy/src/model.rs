@@ -256,9 +256,9 @@ pub enum VersionOutcome {
     /// Applied and recorded in the history.
     Changed {
         /// The history line.
-        change: VersionChange,
+        change: Box<VersionChange>,
         /// The versions now.
-        versions: Versions,
+        versions: Box<Versions>,
     },
     /// Refused by policy (and audited); nothing changed.
     Refused {

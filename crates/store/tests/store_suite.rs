@@ -1618,7 +1618,8 @@ async fn versions_change_only_by_policy_with_history(h: &Harness) {
     };
     assert_eq!(versions.canary_version.as_deref(), Some("1.0"));
     let hist = s.version_history("web", "app", 10).await.unwrap();
-    let kinds: Vec<(String, Option<String>, Option<String>, Option<String>)> = hist
+    type Line = (String, Option<String>, Option<String>, Option<String>);
+    let kinds: Vec<Line> = hist
         .iter()
         .map(|c| {
             (

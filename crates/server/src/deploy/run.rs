@@ -243,7 +243,7 @@ async fn change(ctx: &Ctx<'_>, kind: VersionChangeKind) -> Result<aviary_deploy:
             if let Err(e) = ctx.engine.deploy.refresh(ctx.engine.store.as_ref()).await {
                 tracing::warn!(error = %e, "cannot publish the new versions at once (the periodic refresh will)");
             }
-            Ok(versions)
+            Ok(*versions)
         }
         VersionOutcome::Refused { reason } => Err(reason),
     }

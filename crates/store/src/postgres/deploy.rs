@@ -233,7 +233,10 @@ impl DeployStore for PgStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(err(op))?;
-                VersionOutcome::Changed { change, versions }
+                VersionOutcome::Changed {
+                    change: Box::new(change),
+                    versions: Box::new(versions),
+                }
             }
             Applied::Refuse(reason, audit) => {
                 sqlx::query(

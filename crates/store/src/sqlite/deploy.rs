@@ -276,7 +276,10 @@ impl DeployStore for SqliteStore {
                         at
                     ])
                     .map_err(err(op))?;
-                    Ok(VersionOutcome::Changed { change, versions })
+                    Ok(VersionOutcome::Changed {
+                        change: Box::new(change),
+                        versions: Box::new(versions),
+                    })
                 }
                 Applied::Refuse(reason, audit) => {
                     let op = "auditing a refused version change";
