@@ -129,6 +129,35 @@ tasks:
       cmd: sleep 60
 "#,
     );
+    workflow(
+        &pack,
+        "kv",
+        r#"version: 1.0
+vars:
+  - target: <% st2kv('system.target') %>
+tasks:
+  show:
+    action: core.echo
+    input:
+      message: deploying to <% ctx(target) %>
+    next:
+      - publish:
+          - said: <% result().stdout %>
+        do: secret
+  secret:
+    action: core.local
+    input:
+      cmd: test "$PW" = s3cret-kv-value && echo matched
+      env:
+        PW: <% st2kv('system.pw', decrypt=true) %>
+    next:
+      - publish:
+          - matched: <% result().stdout %>
+output:
+  - said: <% ctx(said) %>
+  - matched: <% ctx(matched) %>
+"#,
+    );
     pack
 }
 
@@ -440,4 +469,52 @@ fn task_and_workflow_timeouts() {
         "canceled",
         "{tree}"
     );
+}
+
+fn put_key(s: &Server, name: &str, value: &str, secret: bool) {
+    let r = s
+        .http()
+        .put(s.url(&format!("/api/v1/keys/system/{name}")))
+        .bearer_auth(&s.token)
+        .json(&json!({"value": value, "secret": secret}))
+        .send()
+        .expect("PUT");
+    assert!(r.status().is_success(), "{r:?}");
+}
+
+#[test]
+fn st2kv_reads_the_datastore_at_run_time() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pack = ops_pack(dir.path());
+    let s = Server::start(Backend::Sqlite, &[&pack]);
+    // Without the key: the workflow fails, naming it.
+    let id = run(&s, "ops.kv", json!({}));
+    let wf = s.wait_execution(&id);
+    assert_eq!(wf["status"], "failed", "{wf}");
+    assert!(
+        wf.to_string().contains("st2kv('system.target')"),
+        "{wf}"
+    );
+    put_key(&s, "target", "prod", false);
+    put_key(&s, "pw", "s3cret-kv-value", true);
+    let id = run(&s, "ops.kv", json!({}));
+    let wf = s.wait_execution(&id);
+    assert_eq!(wf["status"], "succeeded", "{wf}\n{}", s.log());
+    let out = &wf["result"]["output"];
+    assert!(
+        out["said"].as_str().is_some_and(|v| v.contains("deploying to prod")),
+        "{wf}"
+    );
+    assert!(
+        out["matched"].as_str().is_some_and(|v| v.contains("matched")),
+        "{wf}"
+    );
+    // The decrypted secret is masked everywhere it could show.
+    let kids = children(&s, &id);
+    assert!(!wf.to_string().contains("s3cret-kv-value"), "{wf}");
+    for k in &kids {
+        assert!(!k.to_string().contains("s3cret-kv-value"), "{k}");
+    }
+    let (_, tree) = s.get(&format!("/api/v1/executions/{id}/tasks"));
+    assert!(!tree.to_string().contains("s3cret-kv-value"), "{tree}");
 }
