@@ -634,6 +634,83 @@ pub fn cancel(spec: &WorkflowSpec, state: &mut WorkflowState, env: Env<'_>) -> V
     run.commands
 }
 
+/// Why a re-run cannot start.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RerunError {
+    /// The original is still running.
+    #[error("the workflow is still {0}; only a finished workflow can be re-run")]
+    NotFinished(&'static str),
+    /// No task named.
+    #[error("name at least one task to re-run from")]
+    NoTasks,
+    /// A named task never ran in the original.
+    #[error("task '{0}' did not run in the original workflow; re-run from tasks that ran (see `aviary execution get`)")]
+    DidNotRun(String),
+}
+
+/// Prepares a re-run of a finished workflow from the given tasks: a new
+/// state that keeps the original's finished tasks, their results and
+/// published context, and runs each named task again (its latest run, with
+/// the context it had then) and whatever follows from it. Errors and
+/// output are reset.
+pub fn rerun(
+    spec: &WorkflowSpec,
+    original: &WorkflowState,
+    tasks: &[String],
+    env: Env<'_>,
+) -> Result<(WorkflowState, Vec<Command>), RerunError> {
+    if !original.status.is_completed() {
+        return Err(RerunError::NotFinished(original.status.as_str()));
+    }
+    if tasks.is_empty() {
+        return Err(RerunError::NoTasks);
+    }
+    let mut state = original.clone();
+    state.status = WorkflowStatus::Running;
+    state.errors.clear();
+    state.output = None;
+    state.finished = false;
+    state.finished_at = None;
+    state.paused = false;
+    state.started_at = env.now;
+    state.staged.clear();
+    for name in tasks {
+        let Some(entry) = state
+            .sequence
+            .iter()
+            .rev()
+            .find(|e| &e.id == name && e.status.is_completed())
+            .cloned()
+        else {
+            return Err(RerunError::DidNotRun(name.clone()));
+        };
+        if state.staged_idx(name, entry.route).is_some() {
+            continue;
+        }
+        state.staged.push(StagedTask {
+            id: entry.id.clone(),
+            route: entry.route,
+            ctxs: entry.ctxs.clone(),
+            prev: entry.prev.clone(),
+            ready: true,
+            dispatched: false,
+            retry_delay: None,
+            items: None,
+            item_actions: Vec::new(),
+            concurrency: None,
+            run_on_fail: false,
+        });
+    }
+    let mut run = Run {
+        spec,
+        env,
+        commands: Vec::new(),
+    };
+    run.dispatch(&mut state);
+    run.maybe_finish(&mut state);
+    Ok((state, run.commands))
+}
+
 /// Pauses the workflow: actions already running may end (their outcome
 /// is recorded and their transitions staged), but no task is dispatched
 /// until [`resume`]. A paused workflow does not finish while tasks are

@@ -830,6 +830,101 @@ pub async fn resume(engine: &Engine, id: &str) -> Result<Execution, PauseError> 
         .ok_or_else(|| PauseError::NotFound(id.to_string()))
 }
 
+/// Re-runs a finished workflow from the given tasks: a new workflow
+/// execution (same action and input) whose state starts from the
+/// original's, keeping its finished tasks' results and context, and runs
+/// the named tasks again and what follows them. Returns the new execution.
+pub async fn rerun(
+    engine: &Engine,
+    id: &str,
+    tasks: &[String],
+    requested_by: &str,
+) -> Result<Execution, PauseError> {
+    let exec = engine
+        .store
+        .get_execution(id)
+        .await?
+        .ok_or_else(|| PauseError::NotFound(id.to_string()))?;
+    if exec.runner != WORKFLOW_RUNNER {
+        return Err(PauseError::Conflict(format!(
+            "execution '{id}' runs action '{}', not a workflow; only workflows can be re-run from tasks",
+            exec.action
+        )));
+    }
+    if !exec.status.is_terminal() {
+        return Err(PauseError::Conflict(format!(
+            "workflow '{id}' is {}; only a finished workflow can be re-run",
+            exec.status.as_str()
+        )));
+    }
+    let original = match engine.store.load_workflow(id).await? {
+        Some((_, value)) => unseal(engine, value).map_err(PauseError::Conflict)?,
+        None => {
+            return Err(PauseError::Conflict(format!(
+                "workflow '{id}' has no stored state (it never started a task); run it again instead"
+            )));
+        }
+    };
+    let registry = engine.registry.load_full();
+    let (Some(spec), Some(meta)) = (
+        registry.workflows.get(&exec.action).cloned(),
+        registry.actions.get(&exec.action).cloned(),
+    ) else {
+        return Err(PauseError::Conflict(format!(
+            "workflow action '{}' is no longer loaded",
+            exec.action
+        )));
+    };
+    let mut secrets = original.secrets.clone();
+    let snapshot = kv_snapshot(engine, &spec, &mut secrets).await;
+    let lookup = lookup_in(&snapshot);
+    let (state, commands) = conductor::rerun(&spec, &original.conductor, tasks, env(&lookup))
+        .map_err(|e| PauseError::Conflict(format!("cannot re-run workflow '{id}': {e}")))?;
+    let now = Utc::now();
+    let mut new = engine
+        .build_execution(
+            &meta,
+            original.conductor.input.clone(),
+            &[],
+            requested_by.to_string(),
+            now,
+        )
+        .map_err(|e| PauseError::Conflict(format!("cannot re-run workflow '{id}': {e}")))?;
+    // It starts running at once, from the prepared state (the scheduler
+    // never claims it).
+    new.execution.status = ExecutionStatus::Running;
+    new.execution.started_at = Some(now);
+    new.execution.node = Some(engine.config.node.clone());
+    let new_id = new.execution.id.clone();
+    let mut stored = Stored {
+        conductor: state,
+        children: BTreeMap::new(),
+        applied: BTreeSet::new(),
+        finish: None,
+        secrets,
+    };
+    let children = run_commands(engine, &spec, &new_id, &mut stored, commands, &lookup);
+    let value = seal(engine, &stored).map_err(PauseError::Conflict)?;
+    {
+        let lock = lock_for(&new_id);
+        let _guard = lock.lock().await;
+        engine.store.create_execution(new).await?;
+        engine
+            .store
+            .save_workflow(&new_id, None, value, children)
+            .await?;
+    }
+    engine.queue_notify.notify_one();
+    if let Some((status, result)) = stored.finish {
+        complete(engine, &new_id, status, result).await;
+    }
+    engine
+        .store
+        .get_execution(&new_id)
+        .await?
+        .ok_or_else(|| PauseError::NotFound(new_id.clone()))
+}
+
 /// The outermost workflow an execution belongs to (itself if none).
 pub async fn root_workflow(engine: &Engine, id: &str) -> Option<String> {
     let mut current = engine.store.get_execution(id).await.ok().flatten()?;
