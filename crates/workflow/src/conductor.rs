@@ -925,10 +925,34 @@ impl Run<'_, '_> {
                 },
                 None => String::new(),
             };
-            match expr::render(&Value::Object(task.input.clone()), scope).map_err(|e| e.message)? {
-                Value::Object(m) => Ok((action, m)),
-                _ => Ok((action, Map::new())),
+            let mut input = match expr::render(&Value::Object(task.input.clone()), scope)
+                .map_err(|e| e.message)?
+            {
+                Value::Object(m) => m,
+                _ => Map::new(),
+            };
+            // Shell text: values go into the environment, never the text.
+            if self.spec.shell_cmd_tasks.contains(&staged.id)
+                && let Some(Value::String(raw)) = task.input.get("cmd")
+                && expr::is_expression(raw)
+            {
+                let (text, values) = expr::render_shell(raw, scope)
+                    .map_err(|e| format!("input 'cmd': {}", e.message))?;
+                input.insert("cmd".into(), Value::String(text));
+                let env = input
+                    .entry("env")
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if env.is_null() {
+                    *env = Value::Object(Map::new());
+                }
+                let Value::Object(env) = env else {
+                    return Err("input 'env' must be a map of names to values".into());
+                };
+                for (i, v) in values.into_iter().enumerate() {
+                    env.insert(format!("AVIARY_ARG_{i}"), Value::String(v));
+                }
             }
+            Ok((action, input))
         };
         match &task.with {
             None => {

@@ -606,6 +606,57 @@ pub fn render_str(s: &str, scope: &Scope<'_>) -> Result<Value, ExprError> {
     }
 }
 
+/// Shell-safe rendering of shell text (a shell command's `cmd`): each
+/// expression's value is not inserted; the text gets `"${AVIARY_ARG_<n>}"`
+/// (double-quoted) and the value (as text) is returned at index n, for the
+/// caller to pass as environment variable `AVIARY_ARG_<n>`. Jinja control
+/// blocks are refused (only `{{ }}` expressions can be placed).
+pub fn render_shell(s: &str, scope: &Scope<'_>) -> Result<(String, Vec<String>), ExprError> {
+    let placeholder = |n: usize| format!("\"${{AVIARY_ARG_{n}}}\"");
+    match compile(s)? {
+        Compiled::Plain => Ok((s.to_string(), Vec::new())),
+        Compiled::Yaql {
+            whole: Some(ast), ..
+        } => Ok((placeholder(0), vec![to_text(&eval(&ast, scope)?)])),
+        Compiled::Yaql { whole: None, parts } => {
+            let mut out = String::new();
+            let mut values = Vec::new();
+            for part in parts {
+                match part {
+                    Part::Text(t) => out.push_str(&t),
+                    Part::Yaql(ast) => {
+                        out.push_str(&placeholder(values.len()));
+                        values.push(to_text(&eval(&ast, scope)?));
+                    }
+                }
+            }
+            Ok((out, values))
+        }
+        Compiled::Jinja { .. } => {
+            if s.contains("{%") || s.contains("{#") {
+                return Err(ExprError::new(
+                    "a shell command's cmd may hold {{ }} expressions but no {% %} blocks or {# #} comments; compute the value in a vars entry or publish, then use it",
+                ));
+            }
+            let mut out = String::new();
+            let mut values = Vec::new();
+            let mut rest = s;
+            while let Some(start) = rest.find("{{") {
+                let Some(len) = rest[start..].find("}}") else {
+                    break;
+                };
+                out.push_str(&rest[..start]);
+                let segment = &rest[start..start + len + 2];
+                out.push_str(&placeholder(values.len()));
+                values.push(to_text(&render_str(segment, scope)?));
+                rest = &rest[start + len + 2..];
+            }
+            out.push_str(rest);
+            Ok((out, values))
+        }
+    }
+}
+
 /// Evaluates `s` as a condition (`when`): the truthiness of the value.
 pub fn evaluate_bool(s: &str, scope: &Scope<'_>) -> Result<bool, ExprError> {
     Ok(truthy(&render_str(s, scope)?))
@@ -1258,6 +1309,20 @@ mod tests {
         assert_eq!(y("<% int('42') + 1 %>"), json!(43));
         assert_eq!(y("<% list(1, 2) %>"), json!([1, 2]));
         assert_eq!(y("<% dict([['a', 1]]) %>"), json!({"a": 1}));
+    }
+
+    #[test]
+    fn shell_rendering_keeps_values_out_of_the_text() {
+        let mut s = scope();
+        s.ctx.insert("evil".into(), json!("$(touch /tmp/x); rm -rf /"));
+        let (text, values) = render_shell("echo <% ctx(evil) %> and <% 1 + 1 %>", &s).unwrap();
+        assert_eq!(text, "echo \"${AVIARY_ARG_0}\" and \"${AVIARY_ARG_1}\"");
+        assert_eq!(values, vec!["$(touch /tmp/x); rm -rf /".to_string(), "2".into()]);
+        let (text, values) = render_shell("echo {{ ctx('evil') }}!", &s).unwrap();
+        assert_eq!(text, "echo \"${AVIARY_ARG_0}\"!");
+        assert_eq!(values, vec!["$(touch /tmp/x); rm -rf /".to_string()]);
+        assert!(render_shell("{% if true %}x{% endif %}", &s).is_err());
+        assert_eq!(render_shell("plain", &s).unwrap(), ("plain".into(), vec![]));
     }
 
     #[test]

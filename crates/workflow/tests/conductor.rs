@@ -93,7 +93,7 @@ fn renders_input_delay_and_finishes_with_output() {
     assert_eq!(r[0].1, "core.local");
     assert_eq!(r[0].2, input(json!({"cmd": "make prod-cluster"})));
     assert_eq!(r[0].3, Some(5));
-    let kv = |k: &str| (k == "region").then(|| json!("eu-west"));
+    let kv = |k: &str, _decrypt: bool| (k == "region").then(|| json!("eu-west"));
     let env_kv = Env {
         kv: Some(&kv),
         ..env()
@@ -162,7 +162,7 @@ fn state_survives_serialization_between_events() {
     let (state, _) = conductor::start(&wf, input(json!({"env": "dev"})), env());
     let text = serde_json::to_string(&state).unwrap();
     let mut state: WorkflowState = serde_json::from_str(&text).unwrap();
-    let kv = |_: &str| Some(json!("r"));
+    let kv = |_: &str, _: bool| Some(json!("r"));
     let env_kv = Env {
         kv: Some(&kv),
         ..env()
