@@ -372,7 +372,14 @@ pub(crate) async fn execution(
             console.print(&describe_execution(&e, console.color))?;
             if e.runner == "orquesta" {
                 let tree = api.get(&["executions", &id, "tasks"], &[]).await?;
-                let mut t = Table::new(&["task", "status", "started", "duration", "execution", "published"]);
+                let mut t = Table::new(&[
+                    "task",
+                    "status",
+                    "started",
+                    "duration",
+                    "execution",
+                    "published",
+                ]);
                 task_rows(&tree, 0, &mut t);
                 console.print("tasks:\n")?;
                 print_table(console, &t, "no task started yet")?;
@@ -489,7 +496,8 @@ async fn tail_workflow(
 ) -> Result<i32, CliError> {
     let mut tails: std::collections::HashMap<String, TaskTail> = Default::default();
     loop {
-        let exec: Execution = api.decode(api.get(&["executions", id], &[]).await?, "the execution")?;
+        let exec: Execution =
+            api.decode(api.get(&["executions", id], &[]).await?, "the execution")?;
         let tree = api.get(&["executions", id, "tasks"], &[]).await?;
         let mut leaves = Vec::new();
         tree_leaves(&tree, "", &mut leaves);
@@ -579,10 +587,16 @@ fn task_rows(tree: &Value, depth: usize, t: &mut Table) {
         t.row(vec![
             format!("{indent}{}", format::value_cell(task.get("task"))),
             format::value_cell(task.get("status")),
-            started.map(|s| format::time(&s)).unwrap_or_else(|| "-".into()),
+            started
+                .map(|s| format::time(&s))
+                .unwrap_or_else(|| "-".into()),
             format::execution_duration(started.as_ref(), finished.as_ref()),
             exec_cell,
-            if published.is_empty() { "-".into() } else { published },
+            if published.is_empty() {
+                "-".into()
+            } else {
+                published
+            },
         ]);
         for ex in &executions {
             if ex.get("workflow").is_some() {
@@ -657,7 +671,9 @@ pub(crate) async fn inquiry(
             Ok(EXIT_OK)
         }
         InquiryCmd::Get { id } => {
-            let body = api.call(Method::GET, &["inquiries", &id], &[], None).await?;
+            let body = api
+                .call(Method::GET, &["inquiries", &id], &[], None)
+                .await?;
             console.print_json(&body)?;
             Ok(EXIT_OK)
         }

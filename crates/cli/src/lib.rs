@@ -172,7 +172,9 @@ pub enum InquiryCmd {
         id: String,
     },
     /// Answer an inquiry with a JSON object matching its schema.
-    #[command(after_long_help = "Example:\n  aviary inquiry respond 0193... '{\"approved\": true}'")]
+    #[command(
+        after_long_help = "Example:\n  aviary inquiry respond 0193... '{\"approved\": true}'"
+    )]
     Respond {
         /// Inquiry (execution) id.
         id: String,

@@ -360,10 +360,7 @@ const CORE_FILES: &[(&str, &str)] = &[
         "actions/local.yaml",
         include_str!("builtin/actions/local.yaml"),
     ),
-    (
-        "actions/ask.yaml",
-        include_str!("builtin/actions/ask.yaml"),
-    ),
+    ("actions/ask.yaml", include_str!("builtin/actions/ask.yaml")),
     (
         "actions/noop.yaml",
         include_str!("builtin/actions/noop.yaml"),

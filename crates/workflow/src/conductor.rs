@@ -644,7 +644,9 @@ pub enum RerunError {
     #[error("name at least one task to re-run from")]
     NoTasks,
     /// A named task never ran in the original.
-    #[error("task '{0}' did not run in the original workflow; re-run from tasks that ran (see `aviary execution get`)")]
+    #[error(
+        "task '{0}' did not run in the original workflow; re-run from tasks that ran (see `aviary execution get`)"
+    )]
     DidNotRun(String),
 }
 

@@ -1144,13 +1144,13 @@ fn jinja_env(owned: &Arc<OwnedScope>) -> minijinja::Environment<'static> {
     env.add_function(
         "st2kv",
         move |key: String, _kwargs: minijinja::value::Kwargs| -> Result<J, minijinja::Error> {
-        match s.kv.get(&key) {
-            Some(Some(v)) => Ok(J::from_serialize(v)),
-            _ => Err(mj_err(ExprError::new(format!(
-                "st2kv('{key}'): the key is not in the datastore"
-            )))),
-        }
-    },
+            match s.kv.get(&key) {
+                Some(Some(v)) => Ok(J::from_serialize(v)),
+                _ => Err(mj_err(ExprError::new(format!(
+                    "st2kv('{key}'): the key is not in the datastore"
+                )))),
+            }
+        },
     );
     env
 }
@@ -1314,10 +1314,14 @@ mod tests {
     #[test]
     fn shell_rendering_keeps_values_out_of_the_text() {
         let mut s = scope();
-        s.ctx.insert("evil".into(), json!("$(touch /tmp/x); rm -rf /"));
+        s.ctx
+            .insert("evil".into(), json!("$(touch /tmp/x); rm -rf /"));
         let (text, values) = render_shell("echo <% ctx(evil) %> and <% 1 + 1 %>", &s).unwrap();
         assert_eq!(text, "echo \"${AVIARY_ARG_0}\" and \"${AVIARY_ARG_1}\"");
-        assert_eq!(values, vec!["$(touch /tmp/x); rm -rf /".to_string(), "2".into()]);
+        assert_eq!(
+            values,
+            vec!["$(touch /tmp/x); rm -rf /".to_string(), "2".into()]
+        );
         let (text, values) = render_shell("echo {{ ctx('evil') }}!", &s).unwrap();
         assert_eq!(text, "echo \"${AVIARY_ARG_0}\"!");
         assert_eq!(values, vec!["$(touch /tmp/x); rm -rf /".to_string()]);

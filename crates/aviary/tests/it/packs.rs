@@ -185,8 +185,7 @@ fn workflow_expressions_in_shell_text_go_through_the_environment() {
     // The stored cmd holds the placeholders, not the values.
     let kids = s.executions(&format!("parent={}", wf["id"].as_str().expect("id")));
     assert_eq!(
-        kids[0]["parameters"]["cmd"],
-        "printf '%s|%s' \"${AVIARY_ARG_0}\" \"${AVIARY_ARG_1}\"",
+        kids[0]["parameters"]["cmd"], "printf '%s|%s' \"${AVIARY_ARG_0}\" \"${AVIARY_ARG_1}\"",
         "{kids:?}"
     );
 }

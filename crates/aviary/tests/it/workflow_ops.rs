@@ -388,7 +388,10 @@ fn inquiry_pauses_until_a_valid_allowed_answer(backend: Backend) {
     let (_, audit) = s.get("/api/v1/audit?limit=100");
     assert!(audit.to_string().contains("inquiry.respond"), "{audit}");
     let out = s.cli(&["inquiry", "list"]);
-    assert!(!String::from_utf8_lossy(&out.stdout).contains(&q), "{out:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(&q),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -452,7 +455,10 @@ fn task_tree_and_tail_of_a_workflow() {
             .is_some_and(|v| v.contains("inner done")),
         "{tree}"
     );
-    assert!(tasks[0]["duration"].as_f64().is_some_and(|d| d >= 1.0), "{tree}");
+    assert!(
+        tasks[0]["duration"].as_f64().is_some_and(|d| d >= 1.0),
+        "{tree}"
+    );
     let inner = &tasks[0]["executions"][0]["workflow"]["tasks"];
     let inner_names: Vec<&str> = inner
         .as_array()
@@ -465,7 +471,10 @@ fn task_tree_and_tail_of_a_workflow() {
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("tasks:"), "{text}");
-    assert!(text.contains("\n  slow ") || text.contains("  slow"), "{text}");
+    assert!(
+        text.contains("\n  slow ") || text.contains("  slow"),
+        "{text}"
+    );
     assert!(text.contains("inner="), "{text}");
     // Not a workflow: no tasks.
     let leaf = tasks[1]["executions"][0]["id"].as_str().expect("id");
@@ -502,8 +511,7 @@ fn task_and_workflow_timeouts() {
     let (_, tree) = s.get(&format!("/api/v1/executions/{id}/tasks"));
     assert_eq!(tree["tasks"][0]["status"], "failed", "{tree}");
     assert_eq!(
-        tree["tasks"][1]["executions"][0]["status"],
-        "canceled",
+        tree["tasks"][1]["executions"][0]["status"], "canceled",
         "{tree}"
     );
 }
@@ -528,10 +536,7 @@ fn st2kv_reads_the_datastore_at_run_time() {
     let id = run(&s, "ops.kv", json!({}));
     let wf = s.wait_execution(&id);
     assert_eq!(wf["status"], "failed", "{wf}");
-    assert!(
-        wf.to_string().contains("st2kv('system.target')"),
-        "{wf}"
-    );
+    assert!(wf.to_string().contains("st2kv('system.target')"), "{wf}");
     put_key(&s, "target", "prod", false);
     put_key(&s, "pw", "s3cret-kv-value", true);
     let id = run(&s, "ops.kv", json!({}));
@@ -539,11 +544,15 @@ fn st2kv_reads_the_datastore_at_run_time() {
     assert_eq!(wf["status"], "succeeded", "{wf}\n{}", s.log());
     let out = &wf["result"]["output"];
     assert!(
-        out["said"].as_str().is_some_and(|v| v.contains("deploying to prod")),
+        out["said"]
+            .as_str()
+            .is_some_and(|v| v.contains("deploying to prod")),
         "{wf}"
     );
     assert!(
-        out["matched"].as_str().is_some_and(|v| v.contains("matched")),
+        out["matched"]
+            .as_str()
+            .is_some_and(|v| v.contains("matched")),
         "{wf}"
     );
     // The decrypted secret is masked everywhere it could show.

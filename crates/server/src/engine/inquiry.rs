@@ -71,9 +71,8 @@ pub async fn open(engine: &Engine, exec: &Execution, params: Map<String, Value>)
         return;
     }
     let ttl = params.get("ttl").and_then(Value::as_f64).unwrap_or(1440.0);
-    let expires_at = (ttl > 0.0).then(|| {
-        Utc::now() + chrono::Duration::milliseconds((ttl * 60_000.0).min(1e15) as i64)
-    });
+    let expires_at = (ttl > 0.0)
+        .then(|| Utc::now() + chrono::Duration::milliseconds((ttl * 60_000.0).min(1e15) as i64));
     let question = json!({
         "schema": schema,
         "users": str_list(params.get("users")),
@@ -180,14 +179,17 @@ pub async fn respond(
         .get("schema")
         .cloned()
         .unwrap_or_else(|| json!({"type": "object"}));
-    let validator = jsonschema::validator_for(&schema).map_err(|e| {
-        InquiryError::Conflict(format!("the inquiry's schema is not valid: {e}"))
-    })?;
+    let validator = jsonschema::validator_for(&schema)
+        .map_err(|e| InquiryError::Conflict(format!("the inquiry's schema is not valid: {e}")))?;
     let problems: Vec<String> = validator
         .iter_errors(&response)
         .map(|e| {
             let path = e.instance_path().to_string();
-            let path = if path.is_empty() { "/".to_string() } else { path };
+            let path = if path.is_empty() {
+                "/".to_string()
+            } else {
+                path
+            };
             format!("at {path}: {e}")
         })
         .collect();
@@ -253,7 +255,7 @@ pub async fn expire(engine: &Engine) {
             .get("expires_at")
             .and_then(Value::as_str)
             .and_then(|s| s.parse::<DateTime<Utc>>().ok());
-        if !expires.is_some_and(|at| at <= now) {
+        if expires.is_none_or(|at| at > now) {
             continue;
         }
         let ttl = exec.result.get("ttl").cloned().unwrap_or(Value::Null);
@@ -261,7 +263,9 @@ pub async fn expire(engine: &Engine) {
         if let Value::Object(map) = &mut result {
             map.insert(
                 "error".into(),
-                json!(format!("no answer within the inquiry's ttl of {ttl} minutes")),
+                json!(format!(
+                    "no answer within the inquiry's ttl of {ttl} minutes"
+                )),
             );
         }
         match engine

@@ -147,7 +147,10 @@ async fn kv_snapshot(
         let scopes: Vec<(KvScope, &str)> = match key.split_once('.') {
             Some(("system", name)) => vec![(KvScope::System, name)],
             Some(("user", name)) => vec![(KvScope::User, name)],
-            _ => vec![(KvScope::System, key.as_str()), (KvScope::User, key.as_str())],
+            _ => vec![
+                (KvScope::System, key.as_str()),
+                (KvScope::User, key.as_str()),
+            ],
         };
         for (scope, name) in scopes {
             let kv = match engine.store.get_kv(scope, name, now).await {
@@ -530,7 +533,11 @@ pub async fn step(engine: &Engine, wf_id: &str) -> bool {
             && stored.conductor.status == conductor::WorkflowStatus::Running
         {
             stored.conductor.paused = false;
-            commands.extend(conductor::cancel(&spec, &mut stored.conductor, env(&lookup)));
+            commands.extend(conductor::cancel(
+                &spec,
+                &mut stored.conductor,
+                env(&lookup),
+            ));
             changed = true;
         }
         let pausing = matches!(
@@ -565,7 +572,11 @@ pub async fn step(engine: &Engine, wf_id: &str) -> bool {
             }
         }
         if wf.status == ExecutionStatus::Running && stored.conductor.paused {
-            commands.extend(conductor::resume(&spec, &mut stored.conductor, env(&lookup)));
+            commands.extend(conductor::resume(
+                &spec,
+                &mut stored.conductor,
+                env(&lookup),
+            ));
             changed = true;
         }
         // Fully paused once nothing of it runs: every unfinished child is
@@ -996,7 +1007,10 @@ async fn enforce_timeout(engine: &Engine, wf_id: &str) {
         ExecutionStatus::Running | ExecutionStatus::Pausing | ExecutionStatus::Paused
     ) && deadline_passed(&wf)
     {
-        tracing::info!(workflow = wf_id, "workflow ran past its timeout; canceling it");
+        tracing::info!(
+            workflow = wf_id,
+            "workflow ran past its timeout; canceling it"
+        );
         if let Err(e) = Box::pin(engine.cancel(wf_id)).await {
             tracing::warn!(workflow = wf_id, error = %e, "cannot stop a timed-out workflow");
         }
