@@ -740,7 +740,7 @@ pub fn resume(spec: &WorkflowSpec, state: &mut WorkflowState, env: Env<'_>) -> V
 /// True when nothing runs: every dispatched action ended (a paused
 /// workflow in this state is fully paused).
 pub fn is_idle(state: &WorkflowState) -> bool {
-    !state.has_active()
+    !state.has_active() && !state.staged.iter().any(|s| s.dispatched)
 }
 
 enum Inbound {
