@@ -450,6 +450,27 @@ pub(crate) async fn execution(
         }
         ExecutionCmd::Pause { id } => pause_resume(api, &id, "pause", console).await,
         ExecutionCmd::Resume { id } => pause_resume(api, &id, "resume", console).await,
+        ExecutionCmd::ReRun { id, tasks } => {
+            let body = api
+                .call(
+                    Method::POST,
+                    &["executions", &id, "re-run"],
+                    &[],
+                    Some(&serde_json::json!({ "tasks": tasks })),
+                )
+                .await?;
+            if console.json {
+                console.print_json(&body)?;
+                return Ok(EXIT_OK);
+            }
+            let e: Execution = api.decode(body, "the execution")?;
+            console.print(&format!(
+                "re-run of {id}: execution {} ({})\n",
+                e.id,
+                format::status(e.status, console.color)
+            ))?;
+            Ok(EXIT_OK)
+        }
     }
 }
 

@@ -158,6 +158,16 @@ pub enum ExecutionCmd {
         /// Workflow execution id.
         id: String,
     },
+    /// Re-run a finished workflow from some of its tasks: a new execution that keeps the
+    /// original's finished tasks and runs these again (and what follows them).
+    #[command(name = "re-run")]
+    ReRun {
+        /// Workflow execution id.
+        id: String,
+        /// Tasks to run again, comma-separated (e.g. --tasks build,test).
+        #[arg(long, value_delimiter = ',', required = true)]
+        tasks: Vec<String>,
+    },
 }
 
 /// `aviary inquiry ...`.

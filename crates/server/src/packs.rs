@@ -252,7 +252,8 @@ fn load_workflows(reg: &mut Registry, problems: &mut Vec<Diagnostic>) {
             }
         };
         match parse_workflow(&file, &text) {
-            Ok(spec) => {
+            Ok(mut spec) => {
+                let mut shell_tasks = Vec::new();
                 for (task_name, task) in &spec.tasks {
                     let Some(target) = &task.action else {
                         continue;
@@ -261,32 +262,15 @@ fn load_workflows(reg: &mut Registry, problems: &mut Vec<Diagnostic>) {
                         continue;
                     }
                     // Values must not be spliced into shell text: expressions in a
-                    // shell command's `cmd` are refused (use `env` instead).
+                    // shell command's `cmd` render into environment variables.
                     if let Some(action) = reg.actions.get(target)
                         && matches!(
                             action.runner_type.as_str(),
                             "local-shell-cmd" | "remote-shell-cmd"
                         )
-                        && task
-                            .input
-                            .get("cmd")
-                            .and_then(|c| c.as_str())
-                            .is_some_and(|c| c.contains("<%") || c.contains("{{"))
+                        && task.input.get("cmd").is_some()
                     {
-                        let (line, column) = locate_task_action(&text, task_name, "cmd");
-                        problems.push(Diagnostic {
-                            file: file.clone(),
-                            line,
-                            column,
-                            field: format!("tasks.{task_name}.input.cmd"),
-                            message: format!(
-                                "task '{task_name}' of workflow '{reference}' puts an expression into the shell text of '{target}'s cmd; its value would be run by the shell"
-                            ),
-                            hint: Some(
-                                "pass values through the environment: `env: {BRANCH: <% ctx(branch) %>}` and `cmd: deploy \"$BRANCH\"`, or use a script action whose parameters arrive as arguments"
-                                    .into(),
-                            ),
-                        });
+                        shell_tasks.push(task_name.clone());
                     }
                     if !reg.actions.contains_key(target) {
                         let (line, column) = locate_task_action(&text, task_name, target);
@@ -305,6 +289,7 @@ fn load_workflows(reg: &mut Registry, problems: &mut Vec<Diagnostic>) {
                         });
                     }
                 }
+                spec.shell_cmd_tasks.extend(shell_tasks);
                 reg.workflows.insert(reference, Arc::new(spec));
             }
             Err(diags) => problems.extend(diags.0),

@@ -1333,6 +1333,29 @@ async fn running_workflows_survive_recovery(h: &Harness) {
         s.list_running_workflows(Some("A")).await.unwrap(),
         vec![wf_a.execution.id.clone()]
     );
+    // Paused (and pausing) workflows are resumed too; a pending inquiry is
+    // not abandoned by a restart.
+    let wf_paused = mk(Paused, "orquesta", "A");
+    let wf_pausing = mk(Pausing, "orquesta", "A");
+    let inquiry = mk(Pending, "inquirer", "A");
+    for x in [&wf_paused, &wf_pausing, &inquiry] {
+        s.create_execution(x.clone()).await.unwrap();
+    }
+    assert_eq!(
+        s.list_running_workflows(Some("A")).await.unwrap(),
+        vec![
+            wf_a.execution.id.clone(),
+            wf_paused.execution.id.clone(),
+            wf_pausing.execution.id.clone()
+        ]
+    );
+    assert!(s.recover_node("A", now()).await.unwrap().is_empty());
+    let q = s
+        .get_execution(&inquiry.execution.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(q.status, Pending);
 }
 
 async fn future_executions_are_not_claimed_early(h: &Harness) {

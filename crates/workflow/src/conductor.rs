@@ -634,6 +634,85 @@ pub fn cancel(spec: &WorkflowSpec, state: &mut WorkflowState, env: Env<'_>) -> V
     run.commands
 }
 
+/// Why a re-run cannot start.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RerunError {
+    /// The original is still running.
+    #[error("the workflow is still {0}; only a finished workflow can be re-run")]
+    NotFinished(&'static str),
+    /// No task named.
+    #[error("name at least one task to re-run from")]
+    NoTasks,
+    /// A named task never ran in the original.
+    #[error(
+        "task '{0}' did not run in the original workflow; re-run from tasks that ran (see `aviary execution get`)"
+    )]
+    DidNotRun(String),
+}
+
+/// Prepares a re-run of a finished workflow from the given tasks: a new
+/// state that keeps the original's finished tasks, their results and
+/// published context, and runs each named task again (its latest run, with
+/// the context it had then) and whatever follows from it. Errors and
+/// output are reset.
+pub fn rerun(
+    spec: &WorkflowSpec,
+    original: &WorkflowState,
+    tasks: &[String],
+    env: Env<'_>,
+) -> Result<(WorkflowState, Vec<Command>), RerunError> {
+    if !original.status.is_completed() {
+        return Err(RerunError::NotFinished(original.status.as_str()));
+    }
+    if tasks.is_empty() {
+        return Err(RerunError::NoTasks);
+    }
+    let mut state = original.clone();
+    state.status = WorkflowStatus::Running;
+    state.errors.clear();
+    state.output = None;
+    state.finished = false;
+    state.finished_at = None;
+    state.paused = false;
+    state.started_at = env.now;
+    state.staged.clear();
+    for name in tasks {
+        let Some(entry) = state
+            .sequence
+            .iter()
+            .rev()
+            .find(|e| &e.id == name && e.status.is_completed())
+            .cloned()
+        else {
+            return Err(RerunError::DidNotRun(name.clone()));
+        };
+        if state.staged_idx(name, entry.route).is_some() {
+            continue;
+        }
+        state.staged.push(StagedTask {
+            id: entry.id.clone(),
+            route: entry.route,
+            ctxs: entry.ctxs.clone(),
+            prev: entry.prev.clone(),
+            ready: true,
+            dispatched: false,
+            retry_delay: None,
+            items: None,
+            item_actions: Vec::new(),
+            concurrency: None,
+            run_on_fail: false,
+        });
+    }
+    let mut run = Run {
+        spec,
+        env,
+        commands: Vec::new(),
+    };
+    run.dispatch(&mut state);
+    run.maybe_finish(&mut state);
+    Ok((state, run.commands))
+}
+
 /// Pauses the workflow: actions already running may end (their outcome
 /// is recorded and their transitions staged), but no task is dispatched
 /// until [`resume`]. A paused workflow does not finish while tasks are
@@ -661,7 +740,7 @@ pub fn resume(spec: &WorkflowSpec, state: &mut WorkflowState, env: Env<'_>) -> V
 /// True when nothing runs: every dispatched action ended (a paused
 /// workflow in this state is fully paused).
 pub fn is_idle(state: &WorkflowState) -> bool {
-    !state.has_active()
+    !state.has_active() && !state.staged.iter().any(|s| s.dispatched)
 }
 
 enum Inbound {
@@ -848,10 +927,34 @@ impl Run<'_, '_> {
                 },
                 None => String::new(),
             };
-            match expr::render(&Value::Object(task.input.clone()), scope).map_err(|e| e.message)? {
-                Value::Object(m) => Ok((action, m)),
-                _ => Ok((action, Map::new())),
+            let mut input = match expr::render(&Value::Object(task.input.clone()), scope)
+                .map_err(|e| e.message)?
+            {
+                Value::Object(m) => m,
+                _ => Map::new(),
+            };
+            // Shell text: values go into the environment, never the text.
+            if self.spec.shell_cmd_tasks.contains(&staged.id)
+                && let Some(Value::String(raw)) = task.input.get("cmd")
+                && expr::is_expression(raw)
+            {
+                let (text, values) = expr::render_shell(raw, scope)
+                    .map_err(|e| format!("input 'cmd': {}", e.message))?;
+                input.insert("cmd".into(), Value::String(text));
+                let env = input
+                    .entry("env")
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if env.is_null() {
+                    *env = Value::Object(Map::new());
+                }
+                let Value::Object(env) = env else {
+                    return Err("input 'env' must be a map of names to values".into());
+                };
+                for (i, v) in values.into_iter().enumerate() {
+                    env.insert(format!("AVIARY_ARG_{i}"), Value::String(v));
+                }
             }
+            Ok((action, input))
         };
         match &task.with {
             None => {

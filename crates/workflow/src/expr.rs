@@ -46,8 +46,9 @@ pub struct CurrentTask {
     pub result: Value,
 }
 
-/// Datastore lookup for `st2kv('key')`.
-pub type KvLookup<'a> = &'a dyn Fn(&str) -> Option<Value>;
+/// Datastore lookup for `st2kv('key')` and `st2kv('key', decrypt=true)`:
+/// the key and whether a secret is wanted decrypted.
+pub type KvLookup<'a> = &'a dyn Fn(&str, bool) -> Option<Value>;
 
 /// Everything an expression can see.
 #[derive(Clone, Default)]
@@ -409,6 +410,14 @@ impl Parser<'_> {
                                 }
                                 _ => None,
                             };
+                            // st2kv('key', decrypt=true): the keyword names the 2nd argument.
+                            if word == "st2kv"
+                                && let (Some((Tok::Ident(n), _)), Some((Tok::Sym("="), _))) =
+                                    (self.toks.get(self.pos), self.toks.get(self.pos + 1))
+                                && n == "decrypt"
+                            {
+                                self.pos += 2;
+                            }
                             if let Some(name) = bare {
                                 self.pos += 1;
                                 args.push(Ast::Lit(Value::String(name)));
@@ -594,6 +603,57 @@ pub fn render_str(s: &str, scope: &Scope<'_>) -> Result<Value, ExprError> {
             Ok(Value::String(out))
         }
         Compiled::Jinja { whole } => render_jinja(s, whole.as_deref(), scope),
+    }
+}
+
+/// Shell-safe rendering of shell text (a shell command's `cmd`): each
+/// expression's value is not inserted; the text gets `"${AVIARY_ARG_<n>}"`
+/// (double-quoted) and the value (as text) is returned at index n, for the
+/// caller to pass as environment variable `AVIARY_ARG_<n>`. Jinja control
+/// blocks are refused (only `{{ }}` expressions can be placed).
+pub fn render_shell(s: &str, scope: &Scope<'_>) -> Result<(String, Vec<String>), ExprError> {
+    let placeholder = |n: usize| format!("\"${{AVIARY_ARG_{n}}}\"");
+    match compile(s)? {
+        Compiled::Plain => Ok((s.to_string(), Vec::new())),
+        Compiled::Yaql {
+            whole: Some(ast), ..
+        } => Ok((placeholder(0), vec![to_text(&eval(&ast, scope)?)])),
+        Compiled::Yaql { whole: None, parts } => {
+            let mut out = String::new();
+            let mut values = Vec::new();
+            for part in parts {
+                match part {
+                    Part::Text(t) => out.push_str(&t),
+                    Part::Yaql(ast) => {
+                        out.push_str(&placeholder(values.len()));
+                        values.push(to_text(&eval(&ast, scope)?));
+                    }
+                }
+            }
+            Ok((out, values))
+        }
+        Compiled::Jinja { .. } => {
+            if s.contains("{%") || s.contains("{#") {
+                return Err(ExprError::new(
+                    "a shell command's cmd may hold {{ }} expressions but no {% %} blocks or {# #} comments; compute the value in a vars entry or publish, then use it",
+                ));
+            }
+            let mut out = String::new();
+            let mut values = Vec::new();
+            let mut rest = s;
+            while let Some(start) = rest.find("{{") {
+                let Some(len) = rest[start..].find("}}") else {
+                    break;
+                };
+                out.push_str(&rest[..start]);
+                let segment = &rest[start..start + len + 2];
+                out.push_str(&placeholder(values.len()));
+                values.push(to_text(&render_str(segment, scope)?));
+                rest = &rest[start + len + 2..];
+            }
+            out.push_str(rest);
+            Ok((out, values))
+        }
     }
 }
 
@@ -900,10 +960,14 @@ fn call(name: &str, args: &[Ast], scope: &Scope<'_>) -> Result<Value, ExprError>
         }
         "st2kv" => {
             let key = arg_text(args, 0, scope)?;
+            let decrypt = match args.get(1) {
+                Some(a) => truthy(&eval(a, scope)?),
+                None => false,
+            };
             let lookup = scope.kv.ok_or_else(|| {
                 ExprError::new(format!("st2kv('{key}'): no datastore is available here"))
             })?;
-            lookup(&key).ok_or_else(|| {
+            lookup(&key, decrypt).ok_or_else(|| {
                 ExprError::new(format!(
                     "st2kv('{key}'): the key is not in the datastore; create it with `aviary key set {key} <value>`"
                 ))
@@ -1077,19 +1141,24 @@ fn jinja_env(owned: &Arc<OwnedScope>) -> minijinja::Environment<'static> {
             .unwrap_or(J::from(()))
     });
     let s = owned.clone();
-    env.add_function("st2kv", move |key: String| -> Result<J, minijinja::Error> {
-        match s.kv.get(&key) {
-            Some(Some(v)) => Ok(J::from_serialize(v)),
-            _ => Err(mj_err(ExprError::new(format!(
-                "st2kv('{key}'): the key is not in the datastore"
-            )))),
-        }
-    });
+    env.add_function(
+        "st2kv",
+        move |key: String, _kwargs: minijinja::value::Kwargs| -> Result<J, minijinja::Error> {
+            match s.kv.get(&key) {
+                Some(Some(v)) => Ok(J::from_serialize(v)),
+                _ => Err(mj_err(ExprError::new(format!(
+                    "st2kv('{key}'): the key is not in the datastore"
+                )))),
+            }
+        },
+    );
     env
 }
 
-/// st2kv keys a Jinja template refers to with literal strings.
-fn jinja_kv_keys(s: &str) -> Vec<String> {
+/// The datastore keys a text (YAQL or Jinja) refers to with literal
+/// strings in `st2kv('key')` calls, each with whether the call asks for
+/// `decrypt=true`. A caller resolves these before running the conductor.
+pub fn kv_references(s: &str) -> Vec<(String, bool)> {
     let mut keys = Vec::new();
     let mut rest = s;
     while let Some(i) = rest.find("st2kv(") {
@@ -1098,7 +1167,11 @@ fn jinja_kv_keys(s: &str) -> Vec<String> {
         if let Some(q) = trimmed.chars().next().filter(|c| *c == '\'' || *c == '"')
             && let Some(end) = trimmed[1..].find(q)
         {
-            keys.push(trimmed[1..1 + end].to_string());
+            let call_rest = &trimmed[1 + end..];
+            let call = &call_rest[..call_rest.find(')').unwrap_or(call_rest.len())];
+            let compact: String = call.chars().filter(|c| !c.is_whitespace()).collect();
+            let decrypt = compact.to_ascii_lowercase().contains("decrypt=true");
+            keys.push((trimmed[1..1 + end].to_string(), decrypt));
         }
         rest = after;
     }
@@ -1106,10 +1179,10 @@ fn jinja_kv_keys(s: &str) -> Vec<String> {
 }
 
 fn render_jinja(s: &str, whole: Option<&str>, scope: &Scope<'_>) -> Result<Value, ExprError> {
-    let kv = jinja_kv_keys(s)
+    let kv = kv_references(s)
         .into_iter()
-        .map(|k| {
-            let v = scope.kv.and_then(|f| f(&k));
+        .map(|(k, decrypt)| {
+            let v = scope.kv.and_then(|f| f(&k, decrypt));
             (k, v)
         })
         .collect();
@@ -1239,8 +1312,31 @@ mod tests {
     }
 
     #[test]
+    fn shell_rendering_keeps_values_out_of_the_text() {
+        let mut s = scope();
+        s.ctx
+            .insert("evil".into(), json!("$(touch /tmp/x); rm -rf /"));
+        let (text, values) = render_shell("echo <% ctx(evil) %> and <% 1 + 1 %>", &s).unwrap();
+        assert_eq!(text, "echo \"${AVIARY_ARG_0}\" and \"${AVIARY_ARG_1}\"");
+        assert_eq!(
+            values,
+            vec!["$(touch /tmp/x); rm -rf /".to_string(), "2".into()]
+        );
+        let (text, values) = render_shell("echo {{ ctx('evil') }}!", &s).unwrap();
+        assert_eq!(text, "echo \"${AVIARY_ARG_0}\"!");
+        assert_eq!(values, vec!["$(touch /tmp/x); rm -rf /".to_string()]);
+        assert!(render_shell("{% if true %}x{% endif %}", &s).is_err());
+        assert_eq!(render_shell("plain", &s).unwrap(), ("plain".into(), vec![]));
+    }
+
+    #[test]
     fn st2kv_uses_the_lookup() {
-        let lookup = |k: &str| (k == "deploy.target").then(|| json!("prod"));
+        let lookup = |k: &str, decrypt: bool| match (k, decrypt) {
+            ("deploy.target", _) => Some(json!("prod")),
+            ("system.pw", true) => Some(json!("plain")),
+            ("system.pw", false) => Some(json!("cipher")),
+            _ => None,
+        };
         let mut s = scope();
         s.kv = Some(&lookup);
         assert_eq!(
@@ -1250,6 +1346,22 @@ mod tests {
         assert_eq!(
             render_str("{{ st2kv('deploy.target') }}", &s).unwrap(),
             json!("prod")
+        );
+        assert_eq!(
+            render_str("<% st2kv('system.pw', decrypt=true) %>", &s).unwrap(),
+            json!("plain")
+        );
+        assert_eq!(
+            render_str("<% st2kv('system.pw') %>", &s).unwrap(),
+            json!("cipher")
+        );
+        assert_eq!(
+            render_str("{{ st2kv('system.pw', decrypt=true) }}", &s).unwrap(),
+            json!("plain")
+        );
+        assert_eq!(
+            kv_references("<% st2kv('a.b') %> {{ st2kv(\"c\", decrypt = True) }}"),
+            vec![("a.b".to_string(), false), ("c".to_string(), true)]
         );
         let err = render_str("<% st2kv('nope') %>", &s).unwrap_err();
         assert!(err.message.contains("not in the datastore"), "{err}");

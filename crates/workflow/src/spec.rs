@@ -32,6 +32,11 @@ pub struct WorkflowSpec {
     pub output: Vec<(String, Value)>,
     /// Tasks by name.
     pub tasks: BTreeMap<String, TaskSpec>,
+    /// Tasks whose `cmd` input is shell text (the loader marks tasks of
+    /// shell-command actions): expressions in it render into environment
+    /// variables `AVIARY_ARG_<n>`, the text getting `"${AVIARY_ARG_<n>}"`.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub shell_cmd_tasks: BTreeSet<String>,
 }
 
 /// `join: all` or `join: <count>`.
@@ -423,6 +428,7 @@ impl Check<'_> {
             vars,
             output,
             tasks,
+            shell_cmd_tasks: BTreeSet::new(),
         };
         // Reachability from the start tasks.
         if let Some(tasks_node) = root.get("tasks")

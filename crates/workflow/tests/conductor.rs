@@ -93,7 +93,7 @@ fn renders_input_delay_and_finishes_with_output() {
     assert_eq!(r[0].1, "core.local");
     assert_eq!(r[0].2, input(json!({"cmd": "make prod-cluster"})));
     assert_eq!(r[0].3, Some(5));
-    let kv = |k: &str| (k == "region").then(|| json!("eu-west"));
+    let kv = |k: &str, _decrypt: bool| (k == "region").then(|| json!("eu-west"));
     let env_kv = Env {
         kv: Some(&kv),
         ..env()
@@ -162,7 +162,7 @@ fn state_survives_serialization_between_events() {
     let (state, _) = conductor::start(&wf, input(json!({"env": "dev"})), env());
     let text = serde_json::to_string(&state).unwrap();
     let mut state: WorkflowState = serde_json::from_str(&text).unwrap();
-    let kv = |_: &str| Some(json!("r"));
+    let kv = |_: &str, _: bool| Some(json!("r"));
     let env_kv = Env {
         kv: Some(&kv),
         ..env()
@@ -320,4 +320,139 @@ fn start_reports_bad_input_defaults() {
     // Given input wins over the default.
     let (_, cmds) = conductor::start(&wf, input(json!({"x": 1})), env());
     assert_eq!(runs(&cmds).len(), 1);
+}
+
+const PARALLEL: &str = r#"
+version: 1.0
+tasks:
+  a:
+    action: core.noop
+    next:
+      - do: c
+  b:
+    action: core.noop
+  c:
+    action: core.echo
+    input:
+      message: after a
+    next:
+      - publish:
+          - said: <% result() %>
+output:
+  - said: <% ctx(said) %>
+"#;
+
+#[test]
+fn pause_lets_running_actions_end_and_starts_nothing_until_resumed() {
+    let s = spec(PARALLEL);
+    let (mut st, cmds) = conductor::start(&s, Map::new(), env());
+    assert_eq!(runs(&cmds).len(), 2);
+    conductor::pause(&mut st);
+    let cmds = conductor::on_action_finished(
+        &s,
+        &mut st,
+        &task("a"),
+        TaskStatus::Succeeded,
+        json!({}),
+        env(),
+    )
+    .unwrap();
+    assert!(cmds.is_empty(), "nothing dispatched while paused: {cmds:?}");
+    assert!(!conductor::is_idle(&st), "b still runs");
+    let cmds = conductor::on_action_finished(
+        &s,
+        &mut st,
+        &task("b"),
+        TaskStatus::Succeeded,
+        json!({}),
+        env(),
+    )
+    .unwrap();
+    assert!(
+        cmds.is_empty(),
+        "a paused workflow does not finish with work left: {cmds:?}"
+    );
+    assert!(conductor::is_idle(&st));
+    // Survives serialization (the server stores it).
+    let mut st: WorkflowState = serde_json::from_value(serde_json::to_value(&st).unwrap()).unwrap();
+    let cmds = conductor::resume(&s, &mut st, env());
+    let r = runs(&cmds);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].0.id, "c");
+    let cmds = conductor::on_action_finished(
+        &s,
+        &mut st,
+        &task("c"),
+        TaskStatus::Succeeded,
+        json!("after a"),
+        env(),
+    )
+    .unwrap();
+    assert_eq!(
+        finish(&cmds),
+        Some((
+            WorkflowStatus::Succeeded,
+            Some(input(json!({"said": "after a"})))
+        ))
+    );
+}
+
+#[test]
+fn rerun_keeps_finished_tasks_and_runs_the_named_ones_again() {
+    let s = spec(PARALLEL);
+    let (mut st, _) = conductor::start(&s, Map::new(), env());
+    conductor::on_action_finished(
+        &s,
+        &mut st,
+        &task("a"),
+        TaskStatus::Succeeded,
+        json!({}),
+        env(),
+    )
+    .unwrap();
+    conductor::on_action_finished(
+        &s,
+        &mut st,
+        &task("b"),
+        TaskStatus::Succeeded,
+        json!({}),
+        env(),
+    )
+    .unwrap();
+    let cmds = conductor::on_action_finished(
+        &s,
+        &mut st,
+        &task("c"),
+        TaskStatus::Failed,
+        json!({}),
+        env(),
+    )
+    .unwrap();
+    assert_eq!(finish(&cmds).map(|f| f.0), Some(WorkflowStatus::Failed));
+    let err = conductor::rerun(&s, &st, &["nope".into()], env()).unwrap_err();
+    assert!(err.to_string().contains("'nope' did not run"), "{err}");
+    let (mut again, cmds) = conductor::rerun(&s, &st, &["c".into()], env()).unwrap();
+    let r = runs(&cmds);
+    assert_eq!(r.len(), 1, "only c runs again: {r:?}");
+    assert_eq!(r[0].0.id, "c");
+    assert!(again.errors.is_empty());
+    let cmds = conductor::on_action_finished(
+        &s,
+        &mut again,
+        &task("c"),
+        TaskStatus::Succeeded,
+        json!("fixed"),
+        env(),
+    )
+    .unwrap();
+    assert_eq!(
+        finish(&cmds),
+        Some((
+            WorkflowStatus::Succeeded,
+            Some(input(json!({"said": "fixed"})))
+        ))
+    );
+    // A running workflow cannot be re-run.
+    let (running, _) = conductor::start(&s, Map::new(), env());
+    assert!(conductor::rerun(&s, &running, &["a".into()], env()).is_err());
 }

@@ -142,7 +142,7 @@ fn workflow_rehearse_runs_specs_and_shows_differences() {
 }
 
 #[test]
-fn workflow_expressions_in_shell_text_are_refused() {
+fn workflow_expressions_in_shell_text_go_through_the_environment() {
     let dir = tempfile::tempdir().expect("tmp");
     let pack = dir.path().join("wfsh");
     write(
@@ -155,19 +155,37 @@ fn workflow_expressions_in_shell_text_are_refused() {
     );
     write(
         &pack.join("actions/workflows/deploy.yaml"),
-        "version: 1.0\ninput:\n  - branch\ntasks:\n  build:\n    action: core.local\n    input:\n      cmd: make deploy BRANCH=<% ctx(branch) %>\n",
+        "version: 1.0\ninput:\n  - branch\ntasks:\n  build:\n    action: core.local\n    input:\n      cmd: printf '%s|%s' <% ctx(branch) %> <% ctx(branch) %>\n    next:\n      - publish:\n          - out: <% result().stdout %>\noutput:\n  - out: <% ctx(out) %>\n",
     );
     let out = std::process::Command::new(bin())
         .args(["pack", "validate"])
         .arg(&pack)
         .output()
         .expect("run");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("deploy.yaml:8:")
-            && err.contains("tasks.build.input.cmd")
-            && err.contains("env"),
-        "{err}"
+    assert!(out.status.success(), "{out:?}");
+    let s = Server::start(Backend::Sqlite, &[&pack]);
+    let pwned = dir.path().join("pwned");
+    let hostile = format!(
+        "main; touch {p} $(touch {p}) `touch {p}` \"' && touch {p}",
+        p = pwned.display()
+    );
+    let (st, e) = s.post(
+        "/api/v1/executions",
+        serde_json::json!({"action": "wfsh.deploy", "parameters": {"branch": hostile}}),
+    );
+    assert_eq!(st, 201, "{e}");
+    let wf = s.wait_execution(e["id"].as_str().expect("id"));
+    assert_eq!(wf["status"], "succeeded", "{wf}\n{}", s.log());
+    assert_eq!(
+        wf["result"]["output"]["out"],
+        serde_json::json!(format!("{hostile}|{hostile}")),
+        "{wf}"
+    );
+    assert!(!pwned.exists(), "the value ran as shell text");
+    // The stored cmd holds the placeholders, not the values.
+    let kids = s.executions(&format!("parent={}", wf["id"].as_str().expect("id")));
+    assert_eq!(
+        kids[0]["parameters"]["cmd"], "printf '%s|%s' \"${AVIARY_ARG_0}\" \"${AVIARY_ARG_1}\"",
+        "{kids:?}"
     );
 }

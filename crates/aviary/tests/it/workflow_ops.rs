@@ -13,7 +13,7 @@ fn workflow(pack: &Path, name: &str, body: &str) {
     write(
         &pack.join(format!("actions/{name}.yaml")),
         &format!(
-            "name: {name}\npack: ops\nrunner_type: orquesta\nentry_point: workflows/{name}.yaml\nparameters:\n  ttl:\n    type: number\n"
+            "name: {name}\npack: ops\nrunner_type: orquesta\nentry_point: workflows/{name}.yaml\nparameters:\n  ttl:\n    type: number\n  file:\n    type: string\n  marker:\n    type: string\n"
         ),
     );
     write(&pack.join(format!("actions/workflows/{name}.yaml")), body);
@@ -127,6 +127,72 @@ tasks:
     action: core.local
     input:
       cmd: sleep 60
+"#,
+    );
+    workflow(
+        &pack,
+        "kv",
+        r#"version: 1.0
+vars:
+  - target: <% st2kv('system.target') %>
+tasks:
+  show:
+    action: core.echo
+    input:
+      message: deploying to <% ctx(target) %>
+    next:
+      - publish:
+          - said: <% result().stdout %>
+        do: secret
+  secret:
+    action: core.local
+    input:
+      cmd: test "$PW" = s3cret-kv-value && echo matched
+      env:
+        PW: <% st2kv('system.pw', decrypt=true) %>
+    next:
+      - publish:
+          - matched: <% result().stdout %>
+output:
+  - said: <% ctx(said) %>
+  - matched: <% ctx(matched) %>
+"#,
+    );
+    workflow(
+        &pack,
+        "flaky",
+        r#"version: 1.0
+input:
+  - file
+  - marker
+tasks:
+  first:
+    action: core.local
+    input:
+      cmd: echo one >> "$F"
+      env:
+        F: <% ctx(file) %>
+    next:
+      - when: <% succeeded() %>
+        publish:
+          - first: done
+        do: check
+  check:
+    action: core.local
+    input:
+      cmd: test -e "$M" && echo ok
+      env:
+        M: <% ctx(marker) %>
+    next:
+      - when: <% succeeded() %>
+        publish:
+          - checked: <% result().stdout %>
+        do: finish
+  finish:
+    action: core.noop
+output:
+  - first: <% ctx(first) %>
+  - checked: <% ctx(checked) %>
 "#,
     );
     pack
@@ -448,4 +514,102 @@ fn task_and_workflow_timeouts() {
         tree["tasks"][1]["executions"][0]["status"], "canceled",
         "{tree}"
     );
+}
+
+fn put_key(s: &Server, name: &str, value: &str, secret: bool) {
+    let r = s
+        .http()
+        .put(s.url(&format!("/api/v1/keys/system/{name}")))
+        .bearer_auth(&s.token)
+        .json(&json!({"value": value, "secret": secret}))
+        .send()
+        .expect("PUT");
+    assert!(r.status().is_success(), "{r:?}");
+}
+
+#[test]
+fn st2kv_reads_the_datastore_at_run_time() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pack = ops_pack(dir.path());
+    let s = Server::start(Backend::Sqlite, &[&pack]);
+    // Without the key: the workflow fails, naming it.
+    let id = run(&s, "ops.kv", json!({}));
+    let wf = s.wait_execution(&id);
+    assert_eq!(wf["status"], "failed", "{wf}");
+    assert!(wf.to_string().contains("st2kv('system.target')"), "{wf}");
+    put_key(&s, "target", "prod", false);
+    put_key(&s, "pw", "s3cret-kv-value", true);
+    let id = run(&s, "ops.kv", json!({}));
+    let wf = s.wait_execution(&id);
+    assert_eq!(wf["status"], "succeeded", "{wf}\n{}", s.log());
+    let out = &wf["result"]["output"];
+    assert!(
+        out["said"]
+            .as_str()
+            .is_some_and(|v| v.contains("deploying to prod")),
+        "{wf}"
+    );
+    assert!(
+        out["matched"]
+            .as_str()
+            .is_some_and(|v| v.contains("matched")),
+        "{wf}"
+    );
+    // The decrypted secret is masked everywhere it could show.
+    let kids = children(&s, &id);
+    assert!(!wf.to_string().contains("s3cret-kv-value"), "{wf}");
+    for k in &kids {
+        assert!(!k.to_string().contains("s3cret-kv-value"), "{k}");
+    }
+    let (_, tree) = s.get(&format!("/api/v1/executions/{id}/tasks"));
+    assert!(!tree.to_string().contains("s3cret-kv-value"), "{tree}");
+}
+
+#[test]
+fn rerun_a_failed_workflow_from_a_task() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pack = ops_pack(dir.path());
+    let s = Server::start(Backend::Sqlite, &[&pack]);
+    let file = dir.path().join("runs.txt");
+    let marker = dir.path().join("marker");
+    let id = run(
+        &s,
+        "ops.flaky",
+        json!({"file": file.display().to_string(), "marker": marker.display().to_string()}),
+    );
+    let wf = s.wait_execution(&id);
+    assert_eq!(wf["status"], "failed", "{wf}");
+    // Fix the cause, then re-run from the failed task only.
+    write(&marker, "");
+    let out = s.cli(&["execution", "re-run", &id, "--tasks", "nope"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("task 'nope' did not run"),
+        "{out:?}"
+    );
+    let out = s.cli(&["--json", "execution", "re-run", &id, "--tasks", "check"]);
+    assert!(out.status.success(), "{out:?}");
+    let new: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let new_id = new["id"].as_str().expect("id");
+    assert_ne!(new_id, id);
+    let again = s.wait_execution(new_id);
+    assert_eq!(again["status"], "succeeded", "{again}\n{}", s.log());
+    // The first task's result and published value were kept, not re-run.
+    assert_eq!(again["result"]["output"]["first"], "done", "{again}");
+    assert!(
+        again["result"]["output"]["checked"]
+            .as_str()
+            .is_some_and(|v| v.contains("ok")),
+        "{again}"
+    );
+    let runs = std::fs::read_to_string(&file).expect("runs");
+    assert_eq!(runs, "one\n", "the first task ran once");
+    let kids = children(&s, new_id);
+    let mut actions: Vec<&str> = kids.iter().filter_map(|k| k["action"].as_str()).collect();
+    actions.sort();
+    assert_eq!(actions, vec!["core.local", "core.noop"], "{kids:?}");
+    // The original stays as it was; a running workflow cannot be re-run.
+    assert_eq!(status(&s, &id), "failed");
+    let (_, audit) = s.get("/api/v1/audit?limit=100");
+    assert!(audit.to_string().contains("execution.re-run"), "{audit}");
 }

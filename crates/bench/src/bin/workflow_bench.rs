@@ -71,7 +71,7 @@ fn write(path: &Path, text: &str) -> Result<()> {
 fn sequential(n: usize, action: &str) -> String {
     let mut s = String::from("version: 1.0\ntasks:\n");
     for i in 0..n {
-        s.push_str(&format!("  t{i}:\n    action: {action}\n"));
+        s.push_str(&format!("  t{i}:\n    {action}\n"));
         if i + 1 < n {
             s.push_str(&format!("    next:\n      - do: t{}\n", i + 1));
         }
@@ -86,8 +86,14 @@ fn write_pack(root: &Path, args: &Args) -> Result<()> {
         "ref: wfbench\nname: wfbench\ndescription: workflow benchmark\nversion: 0.0.1\n",
     )?;
     let workflows = [
-        ("noops", sequential(args.tasks, "core.noop")),
-        ("trues", sequential(args.tasks, "core.local cmd=true")),
+        ("noops", sequential(args.tasks, "action: core.noop")),
+        (
+            "trues",
+            sequential(
+                args.tasks,
+                "action: core.local\n    input:\n      cmd: \"true\"",
+            ),
+        ),
         (
             "items",
             format!(
@@ -189,7 +195,9 @@ fn run(s: &Server, action: &str, params: Value) -> Result<Duration> {
             .json()?;
         if let Some(finished) = e["finished_at"].as_str() {
             if e["status"] != "succeeded" {
-                bail!("{action} ended {}: {}", e["status"], e["result"]);
+                let mut detail = e["result"]["error"].to_string();
+                detail.truncate(400);
+                bail!("{action} ended {}: {detail}", e["status"]);
             }
             let created = e["created_at"].as_str().context("created_at")?;
             let f: chrono::DateTime<chrono::Utc> = finished.parse()?;

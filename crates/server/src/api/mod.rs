@@ -130,6 +130,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/executions/{id}/pause", post(workflows::pause))
         .route("/api/v1/executions/{id}/resume", post(workflows::resume))
         .route("/api/v1/executions/{id}/tasks", get(workflows::tasks))
+        .route("/api/v1/executions/{id}/re-run", post(workflows::rerun))
         .route("/api/v1/inquiries", get(workflows::list))
         .route("/api/v1/inquiries/{id}", get(workflows::get_one))
         .route("/api/v1/inquiries/{id}/respond", post(workflows::respond))

@@ -75,6 +75,33 @@ pub async fn resume(
     Ok(Json(json!(exec)))
 }
 
+/// Body of `POST /executions/{id}/re-run`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RerunBody {
+    tasks: Vec<String>,
+}
+
+/// `POST /api/v1/executions/{id}/re-run` with `{"tasks": ["a", "b"]}`.
+pub async fn rerun(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let body: RerunBody = parse_json(&body)?;
+    let exec = workflow::rerun(&state.engine, &id, &body.tasks, &caller.name).await?;
+    audit(
+        &state,
+        &caller.name,
+        "execution.re-run",
+        &exec.id,
+        json!({"original": id, "tasks": body.tasks}),
+    )
+    .await;
+    Ok((StatusCode::CREATED, Json(json!(exec))))
+}
+
 /// `GET /api/v1/executions/{id}/tasks`: a workflow's task tree.
 pub async fn tasks(
     _caller: Caller,

@@ -18,6 +18,7 @@ use std::time::Duration;
 use aviary_core::model::{Execution, ExecutionStatus};
 use aviary_store::{ExecutionFilter, NewExecution};
 use aviary_workflow::conductor::{self, Command, Env, TaskRef, TaskStatus, WorkflowState};
+use aviary_workflow::expr::KvLookup;
 use aviary_workflow::spec::WorkflowSpec;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
@@ -99,11 +100,92 @@ fn forget_lock(id: &str) {
     }
 }
 
-fn env() -> Env<'static> {
+fn env(kv: KvLookup<'_>) -> Env<'_> {
     Env {
         now: Utc::now(),
-        kv: None,
+        kv: Some(kv),
     }
+}
+
+/// Datastore values read before a step: (key, decrypt) -> value.
+type KvSnapshot = HashMap<(String, bool), Value>;
+
+type KvRefCache = Mutex<HashMap<usize, Arc<Vec<(String, bool)>>>>;
+
+/// The `st2kv('key')` references of a workflow (scanned once per loaded spec).
+fn kv_refs(spec: &Arc<WorkflowSpec>) -> Arc<Vec<(String, bool)>> {
+    static CACHE: OnceLock<KvRefCache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let key = Arc::as_ptr(spec) as usize;
+    if let Ok(map) = cache.lock()
+        && let Some(found) = map.get(&key)
+    {
+        return found.clone();
+    }
+    let text = serde_json::to_string(spec.as_ref()).unwrap_or_default();
+    let refs = Arc::new(aviary_workflow::expr::kv_references(&text));
+    if let Ok(mut map) = cache.lock() {
+        map.insert(key, refs.clone());
+    }
+    refs
+}
+
+/// Reads the datastore keys a workflow refers to, for its expressions
+/// (`system.key`, `user.key`, or a bare key: system, else user). Secrets
+/// come decrypted only for `decrypt=true` (else as stored, encrypted); a
+/// decrypted value joins the workflow's secrets (masked, stored encrypted).
+async fn kv_snapshot(
+    engine: &Engine,
+    spec: &Arc<WorkflowSpec>,
+    secrets: &mut Vec<String>,
+) -> KvSnapshot {
+    use aviary_core::model::KvScope;
+    let refs = kv_refs(spec);
+    let mut out = KvSnapshot::new();
+    let now = Utc::now();
+    for (key, decrypt) in refs.iter() {
+        let scopes: Vec<(KvScope, &str)> = match key.split_once('.') {
+            Some(("system", name)) => vec![(KvScope::System, name)],
+            Some(("user", name)) => vec![(KvScope::User, name)],
+            _ => vec![
+                (KvScope::System, key.as_str()),
+                (KvScope::User, key.as_str()),
+            ],
+        };
+        for (scope, name) in scopes {
+            let kv = match engine.store.get_kv(scope, name, now).await {
+                Ok(Some(kv)) => kv,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "cannot read a datastore key for a workflow");
+                    break;
+                }
+            };
+            let value = if kv.secret && *decrypt {
+                match engine.secret_key.decrypt(&kv.value) {
+                    Ok(plain) => {
+                        if !secrets.contains(&plain) {
+                            secrets.push(plain.clone());
+                        }
+                        plain
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = %key, error = %e, "cannot decrypt a datastore secret");
+                        break;
+                    }
+                }
+            } else {
+                kv.value
+            };
+            out.insert((key.clone(), *decrypt), Value::String(value));
+            break;
+        }
+    }
+    out
+}
+
+fn lookup_in(snapshot: &KvSnapshot) -> impl Fn(&str, bool) -> Option<Value> + '_ {
+    move |key: &str, decrypt: bool| snapshot.get(&(key.to_string(), decrypt)).cloned()
 }
 
 /// Starts a claimed (`scheduled`) workflow execution: marks it running,
@@ -149,7 +231,10 @@ pub async fn start(
             return;
         }
     }
-    let (state, commands) = conductor::start(&spec, params, env());
+    let mut secrets = secrets;
+    let snapshot = kv_snapshot(engine, &spec, &mut secrets).await;
+    let lookup = lookup_in(&snapshot);
+    let (state, commands) = conductor::start(&spec, params, env(&lookup));
     let mut stored = Stored {
         conductor: state,
         children: BTreeMap::new(),
@@ -157,7 +242,7 @@ pub async fn start(
         finish: None,
         secrets,
     };
-    let children = run_commands(engine, &spec, &id, &mut stored, commands);
+    let children = run_commands(engine, &spec, &id, &mut stored, commands, &lookup);
     let value = match seal(engine, &stored) {
         Ok(v) => v,
         Err(e) => {
@@ -207,6 +292,7 @@ fn run_commands(
     wf_id: &str,
     stored: &mut Stored,
     commands: Vec<Command>,
+    kv: KvLookup<'_>,
 ) -> Vec<NewExecution> {
     let registry = engine.registry.load_full();
     let mut queue: std::collections::VecDeque<Command> = commands.into();
@@ -251,7 +337,7 @@ fn run_commands(
                             &task,
                             TaskStatus::Failed,
                             json!({"error": msg}),
-                            env(),
+                            env(kv),
                         ) {
                             Ok(more) => queue.extend(more),
                             Err(e) => {
@@ -439,13 +525,19 @@ pub async fn step(engine: &Engine, wf_id: &str) -> bool {
             }
         };
         kids.reverse(); // oldest first
+        let snapshot = kv_snapshot(engine, &spec, &mut stored.secrets).await;
+        let lookup = lookup_in(&snapshot);
         let mut commands = Vec::new();
         let mut changed = false;
         if wf.status == ExecutionStatus::Canceling
             && stored.conductor.status == conductor::WorkflowStatus::Running
         {
             stored.conductor.paused = false;
-            commands.extend(conductor::cancel(&spec, &mut stored.conductor, env()));
+            commands.extend(conductor::cancel(
+                &spec,
+                &mut stored.conductor,
+                env(&lookup),
+            ));
             changed = true;
         }
         let pausing = matches!(
@@ -471,7 +563,7 @@ pub async fn step(engine: &Engine, wf_id: &str) -> bool {
                 &task,
                 task_status(kid.status),
                 child_result(kid),
-                env(),
+                env(&lookup),
             ) {
                 Ok(more) => commands.extend(more),
                 Err(e) => {
@@ -480,7 +572,11 @@ pub async fn step(engine: &Engine, wf_id: &str) -> bool {
             }
         }
         if wf.status == ExecutionStatus::Running && stored.conductor.paused {
-            commands.extend(conductor::resume(&spec, &mut stored.conductor, env()));
+            commands.extend(conductor::resume(
+                &spec,
+                &mut stored.conductor,
+                env(&lookup),
+            ));
             changed = true;
         }
         // Fully paused once nothing of it runs: every unfinished child is
@@ -496,7 +592,7 @@ pub async fn step(engine: &Engine, wf_id: &str) -> bool {
             }
             return false;
         }
-        let children = run_commands(engine, &spec, wf_id, &mut stored, commands);
+        let children = run_commands(engine, &spec, wf_id, &mut stored, commands, &lookup);
         let value = match seal(engine, &stored) {
             Ok(v) => v,
             Err(e) => {
@@ -743,6 +839,101 @@ pub async fn resume(engine: &Engine, id: &str) -> Result<Execution, PauseError> 
         .get_execution(id)
         .await?
         .ok_or_else(|| PauseError::NotFound(id.to_string()))
+}
+
+/// Re-runs a finished workflow from the given tasks: a new workflow
+/// execution (same action and input) whose state starts from the
+/// original's, keeping its finished tasks' results and context, and runs
+/// the named tasks again and what follows them. Returns the new execution.
+pub async fn rerun(
+    engine: &Engine,
+    id: &str,
+    tasks: &[String],
+    requested_by: &str,
+) -> Result<Execution, PauseError> {
+    let exec = engine
+        .store
+        .get_execution(id)
+        .await?
+        .ok_or_else(|| PauseError::NotFound(id.to_string()))?;
+    if exec.runner != WORKFLOW_RUNNER {
+        return Err(PauseError::Conflict(format!(
+            "execution '{id}' runs action '{}', not a workflow; only workflows can be re-run from tasks",
+            exec.action
+        )));
+    }
+    if !exec.status.is_terminal() {
+        return Err(PauseError::Conflict(format!(
+            "workflow '{id}' is {}; only a finished workflow can be re-run",
+            exec.status.as_str()
+        )));
+    }
+    let original = match engine.store.load_workflow(id).await? {
+        Some((_, value)) => unseal(engine, value).map_err(PauseError::Conflict)?,
+        None => {
+            return Err(PauseError::Conflict(format!(
+                "workflow '{id}' has no stored state (it never started a task); run it again instead"
+            )));
+        }
+    };
+    let registry = engine.registry.load_full();
+    let (Some(spec), Some(meta)) = (
+        registry.workflows.get(&exec.action).cloned(),
+        registry.actions.get(&exec.action).cloned(),
+    ) else {
+        return Err(PauseError::Conflict(format!(
+            "workflow action '{}' is no longer loaded",
+            exec.action
+        )));
+    };
+    let mut secrets = original.secrets.clone();
+    let snapshot = kv_snapshot(engine, &spec, &mut secrets).await;
+    let lookup = lookup_in(&snapshot);
+    let (state, commands) = conductor::rerun(&spec, &original.conductor, tasks, env(&lookup))
+        .map_err(|e| PauseError::Conflict(format!("cannot re-run workflow '{id}': {e}")))?;
+    let now = Utc::now();
+    let mut new = engine
+        .build_execution(
+            &meta,
+            original.conductor.input.clone(),
+            &[],
+            requested_by.to_string(),
+            now,
+        )
+        .map_err(|e| PauseError::Conflict(format!("cannot re-run workflow '{id}': {e}")))?;
+    // It starts running at once, from the prepared state (the scheduler
+    // never claims it).
+    new.execution.status = ExecutionStatus::Running;
+    new.execution.started_at = Some(now);
+    new.execution.node = Some(engine.config.node.clone());
+    let new_id = new.execution.id.clone();
+    let mut stored = Stored {
+        conductor: state,
+        children: BTreeMap::new(),
+        applied: BTreeSet::new(),
+        finish: None,
+        secrets,
+    };
+    let children = run_commands(engine, &spec, &new_id, &mut stored, commands, &lookup);
+    let value = seal(engine, &stored).map_err(PauseError::Conflict)?;
+    {
+        let lock = lock_for(&new_id);
+        let _guard = lock.lock().await;
+        engine.store.create_execution(new).await?;
+        engine
+            .store
+            .save_workflow(&new_id, None, value, children)
+            .await?;
+    }
+    engine.queue_notify.notify_one();
+    if let Some((status, result)) = stored.finish {
+        complete(engine, &new_id, status, result).await;
+    }
+    engine
+        .store
+        .get_execution(&new_id)
+        .await?
+        .ok_or_else(|| PauseError::NotFound(new_id.clone()))
 }
 
 /// The outermost workflow an execution belongs to (itself if none).
