@@ -584,9 +584,45 @@ pub async fn timing_split(api: &Api, commit: &str, total: Duration) -> anyhow::R
         apt = apt.max(a);
         health = health.max(t["health"].as_u64().unwrap_or(0));
     }
+    // The canary deploy alone: from `core.deploy_canary` starting to the
+    // canary reporting healthy.
+    let short = commit.get(..7).unwrap_or(commit);
+    let deploy_ms = execs
+        .iter()
+        .find(|e| {
+            e["action"] == "core.deploy_canary"
+                && e["status"] == "succeeded"
+                && e["parameters"]["version"]
+                    .as_str()
+                    .is_some_and(|v| v.ends_with(short))
+        })
+        .and_then(|e| {
+            let at = |k: &str| {
+                e[k].as_str()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            };
+            Some(
+                (at("finished_at")? - at("started_at")?)
+                    .num_milliseconds()
+                    .max(0) as u64,
+            )
+        });
     let total_ms = total.as_millis() as u64;
     let own = total_ms.saturating_sub(scripts + git_ms + apt + health);
     let pct = |v: u64| 100.0 * v as f64 / total_ms.max(1) as f64;
+    let deploy_line = deploy_ms
+        .map(|d| {
+            let aviary = d.saturating_sub(apt + health);
+            format!(
+                "\n    canary deploy {:.2} s: apt/dpkg {:.2} s, app start + health {:.2} s, Aviary {:.2} s ({:.0}%)",
+                d as f64 / 1000.0,
+                apt as f64 / 1000.0,
+                health as f64 / 1000.0,
+                aviary as f64 / 1000.0,
+                100.0 * aviary as f64 / d.max(1) as f64
+            )
+        })
+        .unwrap_or_default();
     Ok(format!(
         "time split: your scripts {:.2} s ({:.0}%), apt/dpkg {:.2} s ({:.0}%), app start + health {:.2} s ({:.0}%), git {:.2} s ({:.0}%), Aviary {:.2} s ({:.0}%)",
         scripts as f64 / 1000.0,
@@ -599,7 +635,7 @@ pub async fn timing_split(api: &Api, commit: &str, total: Duration) -> anyhow::R
         pct(git_ms),
         own as f64 / 1000.0,
         pct(own),
-    ))
+    ) + &deploy_line)
 }
 
 fn belongs_to(e: &Value, commit: &str) -> bool {

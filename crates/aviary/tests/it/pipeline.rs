@@ -268,7 +268,10 @@ fn the_seed_pipeline_end_to_end() {
     );
     assert!(stdout.contains("the canary runs hello-aviary"), "{stdout}");
     eprintln!("demo up and first canary in {:?}", started.elapsed());
-    if let Some(line) = stdout.lines().find(|l| l.contains("time split")) {
+    for line in stdout
+        .lines()
+        .filter(|l| l.contains("time split") || l.contains("canary deploy"))
+    {
         eprintln!("first push:{line}");
     }
 
@@ -309,6 +312,11 @@ fn the_seed_pipeline_end_to_end() {
             .contains("canary1"),
         "{canary_answer}"
     );
+    // haproxy marks servers up after two passing checks.
+    demo.wait_for("production behind haproxy", Duration::from_secs(30), || {
+        let a = demo.through_haproxy(false);
+        a.contains(&v1).then_some(Value::String(a))
+    });
     for _ in 0..4 {
         let a = demo.through_haproxy(false);
         assert!(
