@@ -300,7 +300,7 @@ fn the_seed_pipeline_end_to_end() {
         .to_string();
     let canary_answer = demo.wait_for("the canary behind haproxy", Duration::from_secs(30), || {
         let a = demo.through_haproxy(true);
-        a.contains(&v2).then(|| Value::String(a))
+        a.contains(&v2).then_some(Value::String(a))
     });
     assert!(
         canary_answer

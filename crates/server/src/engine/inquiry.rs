@@ -255,7 +255,7 @@ pub async fn expire(engine: &Engine) {
             .get("expires_at")
             .and_then(Value::as_str)
             .and_then(|s| s.parse::<DateTime<Utc>>().ok());
-        if !expires.is_some_and(|at| at <= now) {
+        if expires.is_none_or(|at| at > now) {
             continue;
         }
         let ttl = exec.result.get("ttl").cloned().unwrap_or(Value::Null);
