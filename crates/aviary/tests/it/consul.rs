@@ -308,3 +308,23 @@ fn consul_down_is_visible_and_not_fatal() {
     let (st, _) = s.get("/healthz");
     assert_eq!(st, 200);
 }
+
+#[test]
+fn a_bad_inventory_backend_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("aviary.yaml");
+    crate::harness::write(&config, "inventory:\n  backend: etcd\n");
+    let out = std::process::Command::new(crate::harness::bin())
+        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("inventory.backend") && err.contains("etcd") && err.contains("`consul`"),
+        "{err}"
+    );
+}
