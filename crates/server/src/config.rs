@@ -31,6 +31,8 @@ pub struct ServerConfig {
     pub ci: CiConfig,
     /// The APT repository's settings (`apt:` in the file).
     pub apt: AptConfig,
+    /// Where the host inventory comes from (`builtin` or Consul).
+    pub inventory: InventoryConfig,
 }
 
 /// CI settings: concurrency, build log retention, Jenkins notifications.
@@ -71,6 +73,29 @@ pub struct AptConfig {
     pub keep_versions: Option<usize>,
 }
 
+/// The `inventory:` section: `builtin` (default) or `consul`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InventoryConfig {
+    /// `builtin` or `consul`.
+    pub backend: Option<String>,
+    /// Consul's HTTP address, e.g. `http://127.0.0.1:8500`.
+    pub address: Option<String>,
+    /// ACL token sent as `X-Consul-Token`.
+    pub token: Option<String>,
+    /// Only this Consul service (default: every service in the catalog).
+    pub service: Option<String>,
+    /// Seconds between syncs (default 5).
+    pub interval_secs: Option<u64>,
+}
+
+impl InventoryConfig {
+    /// Whether the Consul backend is selected.
+    pub fn is_consul(&self) -> bool {
+        self.backend.as_deref() == Some("consul")
+    }
+}
+
 /// The optional configuration file (`--config`, or `<data dir>/aviary.yaml`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,6 +120,8 @@ pub struct ConfigFile {
     pub ci: Option<CiConfig>,
     /// See [`ServerConfig::apt`].
     pub apt: Option<AptConfig>,
+    /// Inventory backend.
+    pub inventory: Option<InventoryConfig>,
 }
 
 /// Values given on the command line or in the environment (highest precedence).
@@ -322,6 +349,34 @@ impl ServerConfig {
                 "must be at least 1",
             ));
         }
+        let inventory = file.inventory.unwrap_or_default();
+        match inventory.backend.as_deref() {
+            None | Some("builtin") => {}
+            Some("consul") => {
+                let addr = inventory.address.clone().unwrap_or_default();
+                if !(addr.starts_with("http://") || addr.starts_with("https://")) {
+                    return Err(invalid(
+                        "inventory.address",
+                        addr,
+                        "the consul backend needs an address such as http://127.0.0.1:8500",
+                    ));
+                }
+                if inventory.interval_secs == Some(0) {
+                    return Err(invalid(
+                        "inventory.interval_secs",
+                        "0".into(),
+                        "must be at least 1",
+                    ));
+                }
+            }
+            Some(other) => {
+                return Err(invalid(
+                    "inventory.backend",
+                    other.to_string(),
+                    "must be `builtin` or `consul`",
+                ));
+            }
+        }
         Ok(Self {
             listen,
             data_dir,
@@ -334,6 +389,7 @@ impl ServerConfig {
             default_timeout_secs: file.default_timeout_secs.unwrap_or(600),
             ci,
             apt,
+            inventory,
         })
     }
 }

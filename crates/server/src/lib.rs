@@ -6,6 +6,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod consul;
 pub mod deploy;
 pub mod engine;
 pub mod packs;
@@ -221,6 +222,7 @@ impl Running {
         let purge = tokio::spawn(purge_expired(engine.clone(), shutdown.clone()));
         let retention = tokio::spawn(engine::ci::run_retention(engine.clone(), shutdown.clone()));
         let versions = tokio::spawn(deploy::run_refresh(engine.clone(), shutdown.clone()));
+        let consul = tokio::spawn(consul::run(engine.clone(), shutdown.clone()));
         let app = api::router(self.state.clone());
         let signal_token = shutdown.clone();
         tokio::spawn(async move {
@@ -239,6 +241,7 @@ impl Running {
             let _ = purge.await;
             let _ = retention.await;
             let _ = versions.await;
+            let _ = consul.await;
         })
         .await;
         Ok(())

@@ -8,6 +8,7 @@ mod agent_apt;
 mod apt;
 mod ci;
 mod cli;
+mod consul;
 mod deploy;
 mod durability;
 mod githook;

@@ -562,5 +562,6 @@ pub async fn stats(_c: Caller, State(state): State<AppState>) -> Result<Json<Val
         "executions": executions,
         "backend": store.backend(),
         "running_here": state.engine.running.lock().map(|m| m.len()).unwrap_or(0),
+        "consul": crate::consul::status(),
     })))
 }
