@@ -524,6 +524,27 @@ impl TestHost {
         PathBuf::from(format!("/proc/{}/root", self.holder_pid))
     }
 
+    /// Copies an executable from the real machine into the host (as
+    /// `/usr/local/bin/<file name>`) and returns its path inside the host.
+    /// Needed for programs under `/tmp` or `/run`, which a host does not
+    /// see (they are its own tmpfs), e.g. a binary built in a clone in /tmp.
+    pub fn install_program(&self, program: &Path) -> Result<PathBuf> {
+        let name = program
+            .file_name()
+            .ok_or_else(|| Error::BadName(program.display().to_string()))?;
+        let inside = Path::new("/usr/local/bin").join(name);
+        let outside = self.root().join("usr/local/bin").join(name);
+        if let Some(dir) = outside.parent() {
+            std::fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
+        }
+        std::fs::copy(program, &outside).map_err(io_err(format!(
+            "copy {} into host {}",
+            program.display(),
+            self.name
+        )))?;
+        Ok(inside)
+    }
+
     /// The overlay's upper directory: every file the host changed.
     pub fn upper_dir(&self) -> Option<PathBuf> {
         self.dir.as_ref().map(|d| d.path().join("upper"))

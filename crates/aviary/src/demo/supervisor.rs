@@ -132,7 +132,11 @@ async fn start(dir: &Path, args: &DemoArgs, running: &mut Running) -> anyhow::Re
             .host(&name)
             .with_context(|| format!("creating host {name}"))?;
         let host_token = create_host_token(&client, &local_url, &token, &name, &host, &tag).await?;
-        let mut cmd = host.command(&exe);
+        // The host sees the real / except /tmp and /run: copy the binary in.
+        let agent_exe = host
+            .install_program(&exe)
+            .with_context(|| format!("copying aviary into host {name}"))?;
+        let mut cmd = host.command(&agent_exe);
         cmd.arg("agent")
             .arg("--server")
             .arg(&host_url)

@@ -80,25 +80,28 @@ fn agent(s: &Server, net: &TestNet, host: &TestHost, tag: &str, logs: &Path) -> 
     let token = v["token"].as_str().expect("token");
     let log = std::fs::File::create(logs.join(format!("{}.log", host.name()))).expect("log");
     host.spawn(
-        host.command(bin())
-            .args([
-                "agent",
-                "--server",
-                &format!("http://{}:{}", net.gateway(), s.port),
-                "--token",
-                token,
-                "--tag",
-                tag,
-                "--heartbeat",
-                "2",
-                "--health-cmd",
-                "test",
-                "-e",
-                "/opt/aviary-it-web/app/index.html",
-            ])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log),
+        host.command(
+            host.install_program(std::path::Path::new(bin()))
+                .expect("copy aviary into the host"),
+        )
+        .args([
+            "agent",
+            "--server",
+            &format!("http://{}:{}", net.gateway(), s.port),
+            "--token",
+            token,
+            "--tag",
+            tag,
+            "--heartbeat",
+            "2",
+            "--health-cmd",
+            "test",
+            "-e",
+            "/opt/aviary-it-web/app/index.html",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log),
     )
     .expect("spawn agent")
 }
