@@ -739,10 +739,12 @@ async fn unfinished_workflow_children(
         .collect())
 }
 
-/// Pauses a workflow and its subworkflows: running tasks may end, no new
-/// task starts; it is `pausing` until nothing of it runs, then `paused`.
-/// The pause is stored, so it survives a restart.
-pub async fn pause(engine: &Engine, id: &str) -> Result<Execution, PauseError> {
+/// The workflow execution `id`, or why it cannot be `verb` (paused, resumed).
+async fn workflow_execution(
+    engine: &Engine,
+    id: &str,
+    verb: &str,
+) -> Result<Execution, PauseError> {
     let exec = engine
         .store
         .get_execution(id)
@@ -750,10 +752,18 @@ pub async fn pause(engine: &Engine, id: &str) -> Result<Execution, PauseError> {
         .ok_or_else(|| PauseError::NotFound(id.to_string()))?;
     if exec.runner != WORKFLOW_RUNNER {
         return Err(PauseError::Conflict(format!(
-            "execution '{id}' runs action '{}', not a workflow; only workflows can be paused",
+            "execution '{id}' runs action '{}', not a workflow; only workflows can be {verb}",
             exec.action
         )));
     }
+    Ok(exec)
+}
+
+/// Pauses a workflow and its subworkflows: running tasks may end, no new
+/// task starts; it is `pausing` until nothing of it runs, then `paused`.
+/// The pause is stored, so it survives a restart.
+pub async fn pause(engine: &Engine, id: &str) -> Result<Execution, PauseError> {
+    let exec = workflow_execution(engine, id, "paused").await?;
     match exec.status {
         ExecutionStatus::Pausing | ExecutionStatus::Paused => {}
         ExecutionStatus::Running => {
@@ -792,17 +802,7 @@ pub async fn pause(engine: &Engine, id: &str) -> Result<Execution, PauseError> {
 
 /// Resumes a paused (or pausing) workflow and its paused subworkflows.
 pub async fn resume(engine: &Engine, id: &str) -> Result<Execution, PauseError> {
-    let exec = engine
-        .store
-        .get_execution(id)
-        .await?
-        .ok_or_else(|| PauseError::NotFound(id.to_string()))?;
-    if exec.runner != WORKFLOW_RUNNER {
-        return Err(PauseError::Conflict(format!(
-            "execution '{id}' runs action '{}', not a workflow; only workflows can be resumed",
-            exec.action
-        )));
-    }
+    let exec = workflow_execution(engine, id, "resumed").await?;
     match exec.status {
         ExecutionStatus::Pausing | ExecutionStatus::Paused => {
             engine
