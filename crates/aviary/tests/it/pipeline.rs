@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{bin, free_port};
+use crate::harness::{bin, free_port, git};
 
 const APP: &str = "hello-aviary";
 
@@ -168,24 +168,6 @@ fn terminal(e: &Value) -> bool {
         e["status"].as_str(),
         Some("succeeded" | "failed" | "timeout" | "canceled" | "abandoned")
     )
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "Tester")
-        .env("GIT_AUTHOR_EMAIL", "t@example.com")
-        .env("GIT_COMMITTER_NAME", "Tester")
-        .env("GIT_COMMITTER_EMAIL", "t@example.com")
-        .output()
-        .expect("git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A Slack-compatible incoming-webhook receiver: records every JSON body.
