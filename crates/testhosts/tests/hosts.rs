@@ -5,9 +5,22 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use aviary_testhosts::{TestNet, wait_for_tcp};
+
+/// The tests of this file run one at a time: a net's bridge and namespace
+/// names (`avtbN`, `avtbNhM`) are reused as soon as they are free, so the
+/// cleanup test could otherwise see another test's new bridge under the name
+/// its own just gave up.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Serves one-line HTTP answers `body` on `listener` until the process ends.
 fn serve_http(listener: TcpListener, body: &'static str) {
@@ -26,6 +39,7 @@ fn serve_http(listener: TcpListener, body: &'static str) {
 
 #[test]
 fn hosts_have_their_own_address_and_reach_each_other_and_the_gateway() {
+    let _serial = one_at_a_time();
     let Some(net) = TestNet::for_test("reachability") else {
         return;
     };
@@ -109,6 +123,7 @@ fn build_probe_deb(dir: &Path, package: &str) -> std::path::PathBuf {
 
 #[test]
 fn dpkg_install_in_one_host_is_invisible_in_the_other_and_outside() {
+    let _serial = one_at_a_time();
     let Some(net) = TestNet::for_test("dpkg isolation") else {
         return;
     };
@@ -180,6 +195,7 @@ fn pid_alive(pid: u32) -> bool {
 
 #[test]
 fn everything_is_removed_on_drop_and_on_panic() {
+    let _serial = one_at_a_time();
     if TestNet::for_test("cleanup probe").is_none() {
         return;
     }
