@@ -93,6 +93,37 @@ impl SecretKey {
         format!("{PREFIX}{}", STANDARD.encode(buf))
     }
 
+    /// A keyed MAC (HMAC-SHA256, hex) of `data` for `purpose`: what a
+    /// credential derived from this key (an execution's API token) carries,
+    /// so that it can be checked without storing it.
+    pub fn mac(&self, purpose: &str, data: &str) -> String {
+        use hmac::Mac;
+        let mut mac = match <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(&self.0) {
+            Ok(m) => m,
+            // HMAC takes keys of any length.
+            Err(_) => unreachable!("HMAC-SHA256 accepts a 32-byte key"),
+        };
+        mac.update(purpose.as_bytes());
+        mac.update(&[0]);
+        mac.update(data.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// Whether `tag` is [`Self::mac`] of `data` for `purpose` (constant time).
+    pub fn verify_mac(&self, purpose: &str, data: &str, tag: &str) -> bool {
+        use hmac::Mac;
+        let Ok(tag) = hex::decode(tag) else {
+            return false;
+        };
+        let Ok(mut mac) = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(&self.0) else {
+            return false;
+        };
+        mac.update(purpose.as_bytes());
+        mac.update(&[0]);
+        mac.update(data.as_bytes());
+        mac.verify_slice(&tag).is_ok()
+    }
+
     /// Decrypts what [`Self::encrypt`] wrote; a wrong key or any tampering
     /// is an error.
     pub fn decrypt(&self, ciphertext: &str) -> Result<String, SecretError> {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use aviary_core::model::{ApiToken, new_id};
+use aviary_core::model::{ApiToken, ExecutionStatus, new_id};
 use aviary_store::{Store, StoreError};
 use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
@@ -68,6 +68,55 @@ pub fn generate_token() -> String {
     let mut bytes = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut bytes);
     format!("avy_{}", hex::encode(bytes))
+}
+
+/// Prefix of an execution's own API token.
+const EXECUTION_TOKEN_PREFIX: &str = "avx_";
+/// MAC purpose of execution tokens.
+const EXECUTION_TOKEN_PURPOSE: &str = "aviary execution token";
+
+/// The API token an action gets while it runs (`AVIARY_API_TOKEN`):
+/// `avx_<execution id>.<HMAC of the id under the server's key>`. Nothing is
+/// stored: it is checked by its MAC, and it is valid only while the
+/// execution runs (role `action`), on any server node sharing the key.
+pub fn execution_token(key: &aviary_core::secret::SecretKey, execution_id: &str) -> String {
+    format!(
+        "{EXECUTION_TOKEN_PREFIX}{execution_id}.{}",
+        key.mac(EXECUTION_TOKEN_PURPOSE, execution_id)
+    )
+}
+
+/// The caller of an execution token, if `token` is one that is valid now.
+async fn execution_caller(state: &AppState, token: &str) -> Result<Option<Caller>, ApiError> {
+    let Some(rest) = token.strip_prefix(EXECUTION_TOKEN_PREFIX) else {
+        return Ok(None);
+    };
+    let Some((id, tag)) = rest.split_once('.') else {
+        return Ok(None);
+    };
+    if !state
+        .engine
+        .secret_key
+        .verify_mac(EXECUTION_TOKEN_PURPOSE, id, tag)
+    {
+        return Ok(None);
+    }
+    let running = matches!(
+        state.engine.store.get_execution(id).await?,
+        Some(e) if matches!(
+            e.status,
+            ExecutionStatus::Running | ExecutionStatus::Canceling
+        )
+    );
+    if !running {
+        return Err(ApiError::unauthorized(
+            "this execution token is no longer valid: its execution has ended",
+        ));
+    }
+    Ok(Some(Caller {
+        name: format!("execution-{id}"),
+        role: "action".into(),
+    }))
 }
 
 /// Creates and stores a token; returns the secret (shown once) and the record.
@@ -162,6 +211,9 @@ pub async fn authenticate(
             "authentication required: send `Authorization: Bearer <token>` (see `aviary token create`, or the admin token file in the server's data dir)",
         ));
     };
+    if let Some(caller) = execution_caller(state, &token).await? {
+        return Ok(caller);
+    }
     let hash = hash_token(&token);
     if let Some(c) = state.tokens.get(&hash) {
         return Ok(c);

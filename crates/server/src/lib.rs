@@ -171,6 +171,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         "aviary server ready"
     );
     let ci = engine::ci::CiState::new(&config);
+    let workers = Arc::new(tokio::sync::Semaphore::new(config.workers));
     let engine = Arc::new(Engine {
         store,
         registry: ArcSwap::from_pointee(registry),
@@ -184,6 +185,8 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         registry_changed: tokio::sync::Notify::new(),
         ci,
         deploy: Default::default(),
+        workers,
+        direct: Default::default(),
     });
     match engine.store.release_orphan_deploy_locks().await {
         Ok(released) => {

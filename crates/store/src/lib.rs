@@ -135,6 +135,22 @@ pub enum StoreError {
     WriterStopped,
 }
 
+/// The end of a workflow's child, recorded in the same transaction as the
+/// workflow step that applies it (see [`Store::save_workflow_step`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChildEnd {
+    /// The child execution.
+    pub id: String,
+    /// Statuses it may end from (as in [`Store::transition_execution`]).
+    pub from: Vec<ExecutionStatus>,
+    /// Its final status.
+    pub to: ExecutionStatus,
+    /// Its result.
+    pub result: serde_json::Value,
+    /// When it ended.
+    pub at: DateTime<Utc>,
+}
+
 /// A new execution with its encrypted secret parameters (opaque ciphertext).
 #[derive(Clone, PartialEq)]
 pub struct NewExecution {
@@ -309,6 +325,22 @@ pub trait Store: DeployStore + Send + Sync + 'static {
         expected_version: Option<i64>,
         state: serde_json::Value,
         children: Vec<NewExecution>,
+    ) -> Result<bool, StoreError>;
+
+    /// One step of a running workflow in one transaction: ends the child
+    /// `ended` (only if its status is still in `ended.from`), replaces the
+    /// state (only if its version is still `expected_version`; it becomes
+    /// `expected_version + 1`) and creates the new children (in the status
+    /// they carry: `requested`, or `scheduled`/`running` on the node that
+    /// starts them at once). Returns `false`, writing nothing, when either
+    /// condition failed.
+    async fn save_workflow_step(
+        &self,
+        execution_id: &str,
+        expected_version: i64,
+        state: serde_json::Value,
+        children: Vec<NewExecution>,
+        ended: Option<ChildEnd>,
     ) -> Result<bool, StoreError>;
 
     /// Appends output chunks. A chunk whose `(execution_id, seq)` is already

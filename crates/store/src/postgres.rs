@@ -24,7 +24,9 @@ use crate::common::{
     parse_status, parse_ti_status, redact_url, timeout_from_i64, timeout_to_i64, to_ns,
 };
 use crate::sqlite::conflict_what;
-use crate::{ExecutionFilter, Ingest, IngestOutcome, NewExecution, OutputChunk, Store, StoreError};
+use crate::{
+    ChildEnd, ExecutionFilter, Ingest, IngestOutcome, NewExecution, OutputChunk, Store, StoreError,
+};
 
 mod deploy;
 
@@ -738,6 +740,63 @@ impl Store for PgStore {
         if done.rows_affected() == 0 {
             tx.rollback().await.map_err(err(op))?;
             return Ok(false);
+        }
+        for child in &children {
+            insert_execution(&mut *tx, child).await?;
+        }
+        tx.commit().await.map_err(err(op))?;
+        Ok(true)
+    }
+
+    async fn save_workflow_step(
+        &self,
+        execution_id: &str,
+        expected_version: i64,
+        state: serde_json::Value,
+        children: Vec<NewExecution>,
+        ended: Option<ChildEnd>,
+    ) -> Result<bool, StoreError> {
+        let op = "saving a workflow step";
+        let at = to_ns(Utc::now(), "workflow save time")?;
+        let mut tx = self.pool.begin().await.map_err(err(op))?;
+        let done = sqlx::query(
+            "UPDATE workflow_states SET version = version + 1, state = $2, updated_at = $3 \
+             WHERE execution_id = $1 AND version = $4",
+        )
+        .bind(execution_id)
+        .bind(&state)
+        .bind(at)
+        .bind(expected_version)
+        .execute(&mut *tx)
+        .await
+        .map_err(err(op))?;
+        if done.rows_affected() == 0 {
+            tx.rollback().await.map_err(err(op))?;
+            return Ok(false);
+        }
+        if let Some(end) = &ended {
+            let from: Vec<&str> = end.from.iter().map(|s| s.as_str()).collect();
+            let done = sqlx::query(
+                "UPDATE executions SET status = $1, \
+                 started_at = CASE WHEN $2 THEN $3 ELSE started_at END, \
+                 finished_at = CASE WHEN $4 THEN $3 ELSE finished_at END, \
+                 result = $5 \
+                 WHERE id = $6 AND status = ANY($7)",
+            )
+            .bind(end.to.as_str())
+            .bind(end.to == ExecutionStatus::Running)
+            .bind(to_ns(end.at, "end time")?)
+            .bind(end.to.is_terminal())
+            .bind(&end.result)
+            .bind(&end.id)
+            .bind(from)
+            .execute(&mut *tx)
+            .await
+            .map_err(err(op))?;
+            if done.rows_affected() == 0 {
+                tx.rollback().await.map_err(err(op))?;
+                return Ok(false);
+            }
         }
         for child in &children {
             insert_execution(&mut *tx, child).await?;

@@ -29,7 +29,9 @@ use crate::common::{
     Migration, abandoned_error, count_to_u64, from_ns, from_opt_ns, opt_ns, parse_scope,
     parse_status, parse_ti_status, timeout_from_i64, timeout_to_i64, to_ns,
 };
-use crate::{ExecutionFilter, Ingest, IngestOutcome, NewExecution, OutputChunk, Store, StoreError};
+use crate::{
+    ChildEnd, ExecutionFilter, Ingest, IngestOutcome, NewExecution, OutputChunk, Store, StoreError,
+};
 
 /// Most write jobs committed in one transaction.
 pub const MAX_BATCH: usize = 256;
@@ -906,37 +908,8 @@ impl Store for SqliteStore {
         let mut from: Vec<ExecutionStatus> = from.to_vec();
         from.sort_by_key(|s| s.as_str());
         from.dedup();
-        self.write(move |conn| {
-            let mut args: Vec<SqlValue> = vec![
-                text(to.as_str()),
-                i64::from(to == ExecutionStatus::Running).into(),
-                at.into(),
-                i64::from(to.is_terminal()).into(),
-                result.as_ref().map(json_text).into(),
-                SqlValue::Text(id),
-            ];
-            let mut placeholders = Vec::new();
-            for s in &from {
-                args.push(text(s.as_str()));
-                placeholders.push(format!("?{}", args.len()));
-            }
-            let sql = format!(
-                "UPDATE executions SET status = ?1, \
-                 started_at = CASE WHEN ?2 THEN ?3 ELSE started_at END, \
-                 finished_at = CASE WHEN ?4 THEN ?3 ELSE finished_at END, \
-                 result = COALESCE(?5, result) \
-                 WHERE id = ?6 AND status IN ({})",
-                placeholders.join(", ")
-            );
-            let op = "changing an execution's status";
-            let n = conn
-                .prepare_cached(&sql)
-                .map_err(err(op))?
-                .execute(params_from_iter(args.iter()))
-                .map_err(err(op))?;
-            Ok(n > 0)
-        })
-        .await
+        self.write(move |conn| transition_in(conn, &id, &from, to, result.as_ref(), at))
+            .await
     }
 
     async fn get_execution(&self, id: &str) -> Result<Option<Execution>, StoreError> {
@@ -1121,6 +1094,68 @@ impl Store for SqliteStore {
             };
             if changed == 0 {
                 return Ok(false);
+            }
+            for x in &rows {
+                insert_execution(conn, x)?;
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn save_workflow_step(
+        &self,
+        execution_id: &str,
+        expected_version: i64,
+        state: serde_json::Value,
+        children: Vec<NewExecution>,
+        ended: Option<ChildEnd>,
+    ) -> Result<bool, StoreError> {
+        let id = execution_id.to_string();
+        let state = json_text(&state);
+        let at = to_ns(Utc::now(), "workflow save time")?;
+        let rows = children
+            .into_iter()
+            .map(encode_exec)
+            .collect::<Result<Vec<_>, _>>()?;
+        let ended = match ended {
+            Some(e) => {
+                let mut from = e.from.clone();
+                from.sort_by_key(|s| s.as_str());
+                from.dedup();
+                let at = to_ns(e.at, "end time")?;
+                Some((e, from, at))
+            }
+            None => None,
+        };
+        self.write(move |conn| {
+            let op = "saving a workflow step";
+            // Check the child first: nothing is written unless both hold
+            // (this runs on the only writer, inside its transaction).
+            if let Some((end, from, _)) = &ended {
+                let status: Option<String> = conn
+                    .prepare_cached("SELECT status FROM executions WHERE id = ?1")
+                    .map_err(err(op))?
+                    .query_row([&end.id], |r| r.get(0))
+                    .optional()
+                    .map_err(err(op))?;
+                if !status.is_some_and(|st| from.iter().any(|f| f.as_str() == st)) {
+                    return Ok(false);
+                }
+            }
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE workflow_states SET version = version + 1, state = ?2, \
+                     updated_at = ?3 WHERE execution_id = ?1 AND version = ?4",
+                )
+                .map_err(err(op))?
+                .execute(params![id, state, at, expected_version])
+                .map_err(err(op))?;
+            if changed == 0 {
+                return Ok(false);
+            }
+            if let Some((end, from, end_at)) = &ended {
+                transition_in(conn, &end.id, from, end.to, Some(&end.result), *end_at)?;
             }
             for x in &rows {
                 insert_execution(conn, x)?;
@@ -1491,4 +1526,44 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
+
+/// The conditional status change of [`Store::transition_execution`], on the
+/// writer's connection. `from` must be sorted and deduplicated.
+fn transition_in(
+    conn: &Connection,
+    id: &str,
+    from: &[ExecutionStatus],
+    to: ExecutionStatus,
+    result: Option<&serde_json::Value>,
+    at: i64,
+) -> Result<bool, StoreError> {
+    let mut args: Vec<SqlValue> = vec![
+        text(to.as_str()),
+        i64::from(to == ExecutionStatus::Running).into(),
+        at.into(),
+        i64::from(to.is_terminal()).into(),
+        result.map(json_text).into(),
+        SqlValue::Text(id.to_string()),
+    ];
+    let mut placeholders = Vec::new();
+    for s in from {
+        args.push(text(s.as_str()));
+        placeholders.push(format!("?{}", args.len()));
+    }
+    let sql = format!(
+        "UPDATE executions SET status = ?1, \
+         started_at = CASE WHEN ?2 THEN ?3 ELSE started_at END, \
+         finished_at = CASE WHEN ?4 THEN ?3 ELSE finished_at END, \
+         result = COALESCE(?5, result) \
+         WHERE id = ?6 AND status IN ({})",
+        placeholders.join(", ")
+    );
+    let op = "changing an execution's status";
+    let n = conn
+        .prepare_cached(&sql)
+        .map_err(err(op))?
+        .execute(params_from_iter(args.iter()))
+        .map_err(err(op))?;
+    Ok(n > 0)
 }

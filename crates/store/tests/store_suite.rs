@@ -17,7 +17,7 @@ use aviary_core::model::{
     TriggerInstance, TriggerInstanceStatus, new_id,
 };
 use aviary_store::{
-    ExecutionFilter, Ingest, IngestOutcome, NewExecution, OutputChunk, Store, StoreError,
+    ChildEnd, ExecutionFilter, Ingest, IngestOutcome, NewExecution, OutputChunk, Store, StoreError,
 };
 use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
@@ -136,6 +136,7 @@ both_backends!(
     migrations_are_idempotent_on_reopen,
     concurrent_opens_migrate_once,
     workflow_state_is_versioned_and_saved_with_children,
+    workflow_step_ends_a_child_with_the_state_or_not_at_all,
     running_workflows_survive_recovery,
     future_executions_are_not_claimed_early,
     hosts_round_trip_and_reports,
@@ -1298,6 +1299,97 @@ async fn workflow_state_is_versioned_and_saved_with_children(h: &Harness) {
     }
     assert_eq!(wins, 1);
     assert_eq!(s.load_workflow("wf1").await.unwrap().unwrap().0, 3);
+}
+
+async fn workflow_step_ends_a_child_with_the_state_or_not_at_all(h: &Harness) {
+    use ExecutionStatus::*;
+    let s = &h.store;
+    let mut running = new_exec("core.local", now(), None);
+    running.execution.status = Running;
+    running.execution.started_at = Some(now());
+    assert!(
+        s.save_workflow("wf2", None, json!({"step": 1}), vec![running.clone()])
+            .await
+            .unwrap()
+    );
+    let child = running.execution.id.clone();
+    let end = |result: serde_json::Value| ChildEnd {
+        id: child.clone(),
+        from: vec![Running, Canceling],
+        to: Succeeded,
+        result,
+        at: now(),
+    };
+    // A stale version: nothing written, the child still runs.
+    let next = new_exec("core.local", now(), None);
+    assert!(
+        !s.save_workflow_step(
+            "wf2",
+            9,
+            json!({"step": 9}),
+            vec![next.clone()],
+            Some(end(json!({"n": 1})))
+        )
+        .await
+        .unwrap()
+    );
+    assert_eq!(
+        s.get_execution(&child).await.unwrap().unwrap().status,
+        Running
+    );
+    assert_eq!(s.get_execution(&next.execution.id).await.unwrap(), None);
+    assert_eq!(s.load_workflow("wf2").await.unwrap().unwrap().0, 1);
+    // The right version: child ended, state replaced, next child created.
+    let mut scheduled = next.clone();
+    scheduled.execution.status = Scheduled;
+    scheduled.execution.node = Some("n1".into());
+    assert!(
+        s.save_workflow_step(
+            "wf2",
+            1,
+            json!({"step": 2}),
+            vec![scheduled.clone()],
+            Some(end(json!({"n": 2})))
+        )
+        .await
+        .unwrap()
+    );
+    let ended = s.get_execution(&child).await.unwrap().unwrap();
+    assert_eq!(ended.status, Succeeded);
+    assert_eq!(ended.result, json!({"n": 2}));
+    assert!(ended.finished_at.is_some());
+    assert_eq!(
+        s.get_execution(&next.execution.id).await.unwrap(),
+        Some(scheduled.execution.clone())
+    );
+    assert_eq!(
+        s.load_workflow("wf2").await.unwrap(),
+        Some((2, json!({"step": 2})))
+    );
+    // The child already ended: nothing written, the version stays.
+    assert!(
+        !s.save_workflow_step(
+            "wf2",
+            2,
+            json!({"step": 3}),
+            Vec::new(),
+            Some(end(json!({"n": 3})))
+        )
+        .await
+        .unwrap()
+    );
+    assert_eq!(s.load_workflow("wf2").await.unwrap().unwrap().0, 2);
+    assert_eq!(
+        s.get_execution(&child).await.unwrap().unwrap().result,
+        json!({"n": 2})
+    );
+    // Without a child end it is a plain versioned save.
+    assert!(
+        s.save_workflow_step("wf2", 2, json!({"step": 3}), Vec::new(), None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.load_workflow("wf2").await.unwrap().unwrap().0, 3);
 }
 
 async fn running_workflows_survive_recovery(h: &Harness) {

@@ -266,7 +266,11 @@ fn actions_emit_custom_triggers_with_their_own_token() {
         "name: on_build\npack: ci\ntrigger:\n  type: ci.build\ncriteria:\n  trigger.status:\n    type: equals\n    pattern: succeeded\naction:\n  ref: core.echo\n  parameters:\n    message: \"built {{ trigger.commit }}\"\n",
     );
     let s = Server::start(Backend::Sqlite, &[&pack]);
-    let cmd = r#"curl -sf -H "Authorization: Bearer $AVIARY_API_TOKEN" -H 'content-type: application/json' -d '{"trigger":"ci.build","payload":{"status":"succeeded","commit":"abc123"}}' "$AVIARY_API_URL/api/v1/webhooks/st2""#;
+    let saved = dir.path().join("token");
+    let cmd = format!(
+        r#"curl -sf -H "Authorization: Bearer $AVIARY_API_TOKEN" -H 'content-type: application/json' -d '{{"trigger":"ci.build","payload":{{"status":"succeeded","commit":"abc123"}}}}' "$AVIARY_API_URL/api/v1/webhooks/st2" && printf %s "$AVIARY_API_TOKEN" > {}"#,
+        saved.display()
+    );
     let (st, e) = s.post(
         "/api/v1/executions",
         json!({"action": "core.local", "parameters": {"cmd": cmd}}),
@@ -279,20 +283,31 @@ fn actions_emit_custom_triggers_with_their_own_token() {
     });
     let echo = s.wait_execution(echo["id"].as_str().expect("id"));
     assert_eq!(echo["result"]["stdout"], "built abc123");
-    // The execution's token is revoked once it ended.
-    let (_, tokens) = s.get("/api/v1/tokens");
-    let token = tokens
-        .as_array()
-        .expect("list")
-        .iter()
-        .find(|t| {
-            t["name"]
-                .as_str()
-                .is_some_and(|n| n.starts_with("execution-"))
-        })
-        .cloned()
-        .expect("execution token");
-    assert!(!token["revoked_at"].is_null(), "{token}");
+    // The execution's token is no longer accepted once it ended.
+    let token = std::fs::read_to_string(&saved).expect("the token the action saw");
+    assert!(token.starts_with("avx_"), "{token}");
+    let r = s
+        .http()
+        .get(s.url("/api/v1/executions"))
+        .bearer_auth(&token)
+        .send()
+        .expect("request");
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(
+        r.text().unwrap_or_default().contains("execution has ended"),
+        "the refusal says why"
+    );
+    // A forged one (another execution's id under the same MAC) is refused too.
+    let (id, mac) = token["avx_".len()..].split_once('.').expect("id.mac");
+    let forged = format!("avx_{}.{mac}", uuid_like());
+    assert_ne!(forged, format!("avx_{id}.{mac}"));
+    let r = s
+        .http()
+        .get(s.url("/api/v1/executions"))
+        .bearer_auth(&forged)
+        .send()
+        .expect("request");
+    assert_eq!(r.status().as_u16(), 401);
 }
 
 #[test]

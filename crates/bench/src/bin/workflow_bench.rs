@@ -44,6 +44,9 @@ struct Args {
     /// Concurrency of the with-items task.
     #[arg(long, default_value_t = 50)]
     concurrency: usize,
+    /// Keep the server's data directory (to look at the executions after).
+    #[arg(long)]
+    keep_data: bool,
 }
 
 struct Server {
@@ -51,13 +54,18 @@ struct Server {
     url: String,
     token: String,
     dir: PathBuf,
+    keep: bool,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.keep {
+            eprintln!("data kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -164,6 +172,7 @@ fn start_server(args: &Args) -> Result<Server> {
                 url,
                 token: t.trim().to_string(),
                 dir,
+                keep: args.keep_data,
             });
         }
         if Instant::now() > deadline {

@@ -74,6 +74,11 @@ pub struct Engine {
     pub ci: ci::CiState,
     /// Advertised versions for agents and deploys.
     pub deploy: crate::deploy::DeployHub,
+    /// Worker slots: at most `config.workers` executions run at once.
+    pub workers: Arc<tokio::sync::Semaphore>,
+    /// Executions handed straight to this node's scheduler (already
+    /// `scheduled` here, with their worker slot), e.g. a workflow's next task.
+    pub direct: scheduler::DirectQueue,
 }
 
 /// What [`Engine::ingest`] did with an event.

@@ -13,7 +13,7 @@ use aviary_runners::{RunRequest, run};
 use aviary_store::NewExecution;
 use chrono::Utc;
 use serde_json::{Map, Value, json};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::Engine;
@@ -24,6 +24,57 @@ use super::output::{LiveEvent, pump};
 const POLL_EVERY: Duration = Duration::from_millis(500);
 /// Largest batch claimed at once.
 const MAX_CLAIM: usize = 256;
+
+/// Executions started on this node without going through the queue: a
+/// workflow step stores its next tasks as `scheduled` here when a worker
+/// slot is free, and hands them over with that slot.
+pub struct DirectQueue {
+    tx: mpsc::UnboundedSender<(NewExecution, OwnedSemaphorePermit)>,
+    rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(NewExecution, OwnedSemaphorePermit)>>>,
+}
+
+impl Default for DirectQueue {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Self {
+            tx,
+            rx: std::sync::Mutex::new(Some(rx)),
+        }
+    }
+}
+
+impl DirectQueue {
+    /// Runs `new` (stored as `scheduled` on this node) in the slot `permit`.
+    /// Without a running scheduler it stays scheduled; the node's next start
+    /// puts it back in the queue.
+    pub fn run(&self, new: NewExecution, permit: OwnedSemaphorePermit) {
+        if self.tx.send((new, permit)).is_err() {
+            tracing::warn!("the scheduler has stopped; an execution stays scheduled");
+        }
+    }
+}
+
+/// Runs what is handed to [`DirectQueue`] until `shutdown`.
+async fn run_direct(engine: Arc<Engine>, shutdown: CancellationToken) {
+    let taken = engine.direct.rx.lock().ok().and_then(|mut rx| rx.take());
+    let Some(mut rx) = taken else {
+        return;
+    };
+    loop {
+        let (new, permit) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            next = rx.recv() => match next {
+                Some(next) => next,
+                None => return,
+            },
+        };
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            run_one(&engine, new).await;
+            drop(permit);
+        });
+    }
+}
 
 /// Runs the scheduler until `shutdown` fires.
 ///
@@ -36,7 +87,8 @@ pub async fn run_scheduler(engine: Arc<Engine>, shutdown: CancellationToken) {
         engine.clone(),
         shutdown.clone(),
     ));
-    let permits = Arc::new(Semaphore::new(engine.config.workers));
+    tokio::spawn(run_direct(engine.clone(), shutdown.clone()));
+    let permits = engine.workers.clone();
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -116,20 +168,30 @@ pub async fn run_scheduler(engine: Arc<Engine>, shutdown: CancellationToken) {
     }
 }
 
+/// Records how `exec` ended. A workflow's task is recorded together with
+/// the workflow step that applies it when possible; returns whether that
+/// step was done here.
 async fn finish(
     engine: &Engine,
-    id: &str,
+    exec: &Execution,
     from: &[ExecutionStatus],
     to: ExecutionStatus,
     result: Value,
-) {
+) -> bool {
+    if exec.parent_id.is_some()
+        && exec.runner != super::workflow::WORKFLOW_RUNNER
+        && super::workflow::end_child_and_step(engine, exec, from, to, result.clone()).await
+    {
+        return true;
+    }
     if let Err(e) = engine
         .store
-        .transition_execution(id, from, to, Some(result), Utc::now())
+        .transition_execution(&exec.id, from, to, Some(result), Utc::now())
         .await
     {
-        tracing::error!(execution = id, error = %e, "cannot record the end of an execution");
+        tracing::error!(execution = %exec.id, error = %e, "cannot record the end of an execution");
     }
+    false
 }
 
 /// Runs one claimed execution to its end and records the outcome; if it is
@@ -138,50 +200,50 @@ async fn run_one(engine: &Engine, new: NewExecution) {
     let id = new.execution.id.clone();
     let child = new.execution.parent_id.is_some()
         && new.execution.runner != super::workflow::WORKFLOW_RUNNER;
-    run_one_inner(engine, new).await;
-    if child {
+    let stepped = run_one_inner(engine, new).await;
+    if child && !stepped {
         super::workflow::on_child_finished(engine, &id).await;
     }
 }
 
-async fn run_one_inner(engine: &Engine, new: NewExecution) {
+/// Runs one execution; returns whether its end already stepped its
+/// workflow (see [`finish`]).
+async fn run_one_inner(engine: &Engine, new: NewExecution) -> bool {
     let exec = new.execution;
     let id = exec.id.clone();
     let registry = engine.registry.load_full();
     let Some(action) = registry.actions.get(&exec.action).cloned() else {
-        finish(
+        return finish(
             engine,
-            &id,
+            &exec,
             &[ExecutionStatus::Scheduled],
             ExecutionStatus::Failed,
             json!({"error": format!("action '{}' no longer exists (packs were reloaded)", exec.action)}),
         )
         .await;
-        return;
     };
     let (params, secrets) = match merge_secrets(engine, &exec, new.secrets.as_deref()) {
         Ok(v) => v,
         Err(msg) => {
-            finish(
+            return finish(
                 engine,
-                &id,
+                &exec,
                 &[ExecutionStatus::Scheduled],
                 ExecutionStatus::Failed,
                 json!({"error": msg}),
             )
             .await;
-            return;
         }
     };
     if exec.runner == super::workflow::WORKFLOW_RUNNER {
         // Holds no worker: the workflow advances as its children end.
         super::workflow::start(engine, &exec, params, secrets).await;
-        return;
+        return false;
     }
     if exec.runner == super::inquiry::INQUIRY_RUNNER {
         // Holds no worker either: it waits for an answer.
         super::inquiry::open(engine, &exec, params).await;
-        return;
+        return false;
     }
     match engine
         .store
@@ -201,10 +263,10 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) {
                 engine.cancel_superseded_builds(&exec, &params).await;
             }
         }
-        Ok(false) => return, // canceled meanwhile
+        Ok(false) => return false, // canceled meanwhile
         Err(e) => {
             tracing::error!(execution = %id, error = %e, "cannot mark execution running");
-            return;
+            return false;
         }
     }
 
@@ -215,16 +277,16 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) {
         _ => None,
     };
     if let Some((status, result)) = in_process {
-        finish(
+        let stepped = finish(
             engine,
-            &id,
+            &exec,
             &[ExecutionStatus::Running, ExecutionStatus::Canceling],
             status,
             result,
         )
         .await;
         engine.emit_execution_triggers(&id).await;
-        return;
+        return stepped;
     }
 
     let cancel = CancellationToken::new();
@@ -251,9 +313,9 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) {
         } else {
             status
         };
-        finish(
+        let stepped = finish(
             engine,
-            &id,
+            &exec,
             &[ExecutionStatus::Running, ExecutionStatus::Canceling],
             status,
             result,
@@ -265,24 +327,12 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) {
         }
         engine.output.close(&id);
         engine.emit_execution_triggers(&id).await;
-        return;
+        return stepped;
     }
     let work_dir = engine.config.data_dir.join("work").join(&id);
     // A token valid while the action runs, so it can call the API (emit
-    // triggers, read keys); revoked when it ends.
-    let action_token = match crate::auth::create_token(
-        engine.store.as_ref(),
-        &format!("execution-{id}"),
-        "action",
-    )
-    .await
-    {
-        Ok((secret, _)) => Some(secret),
-        Err(e) => {
-            tracing::warn!(execution = %id, error = %e, "cannot create the execution's API token");
-            None
-        }
-    };
+    // triggers, read keys); derived from the server's key, nothing stored.
+    let action_token = crate::auth::execution_token(&engine.secret_key, &id);
     let prepared = prepare_request(
         engine,
         &registry.pack_dirs,
@@ -293,15 +343,14 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) {
         &work_dir,
     )
     .map(|mut req| {
-        if let Some(token) = &action_token {
-            req.extra_env
-                .push(("AVIARY_API_TOKEN".into(), token.clone()));
-            req.extra_env
-                .push(("ST2_ACTION_AUTH_TOKEN".into(), token.clone()));
-            req.secrets.push(token.clone());
-        }
+        req.extra_env
+            .push(("AVIARY_API_TOKEN".into(), action_token.clone()));
+        req.extra_env
+            .push(("ST2_ACTION_AUTH_TOKEN".into(), action_token.clone()));
+        req.secrets.push(action_token.clone());
         req
     });
+    let mut stepped = false;
     let outcome = match prepared {
         Ok(req) => {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -320,9 +369,9 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) {
             Some(outcome)
         }
         Err(msg) => {
-            finish(
+            stepped = finish(
                 engine,
-                &id,
+                &exec,
                 &[ExecutionStatus::Running, ExecutionStatus::Canceling],
                 ExecutionStatus::Failed,
                 json!({"error": msg}),
@@ -332,23 +381,15 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) {
         }
     };
     let _ = std::fs::remove_dir_all(&work_dir);
-    if action_token.is_some()
-        && let Err(e) = engine
-            .store
-            .revoke_token(&format!("execution-{id}"), Utc::now())
-            .await
-    {
-        tracing::warn!(execution = %id, error = %e, "cannot revoke the execution's API token");
-    }
     if let Some(outcome) = outcome {
         let status = if cancel.is_cancelled() {
             ExecutionStatus::Canceled
         } else {
             outcome.status
         };
-        finish(
+        stepped = finish(
             engine,
-            &id,
+            &exec,
             &[ExecutionStatus::Running, ExecutionStatus::Canceling],
             status,
             outcome.result,
@@ -361,6 +402,7 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) {
     }
     engine.output.close(&id);
     engine.emit_execution_triggers(&id).await;
+    stepped
 }
 
 /// `core.inject_trigger`: stores an event for rules to match.

@@ -16,13 +16,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use aviary_core::model::{Execution, ExecutionStatus};
-use aviary_store::{ExecutionFilter, NewExecution};
+use aviary_store::{ChildEnd, ExecutionFilter, NewExecution};
 use aviary_workflow::conductor::{self, Command, Env, TaskRef, TaskStatus, WorkflowState};
 use aviary_workflow::expr::KvLookup;
 use aviary_workflow::spec::WorkflowSpec;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::Engine;
@@ -33,6 +34,10 @@ pub const WORKFLOW_RUNNER: &str = "orquesta";
 const RESUME_EVERY: Duration = Duration::from_secs(3);
 /// Most children of one workflow examined per step.
 const MAX_CHILDREN: u32 = 100_000;
+/// The runner whose tasks a step completes itself (nothing runs).
+const INLINE_RUNNER: &str = "noop";
+/// Most such tasks completed in one step (a cycle of them still yields).
+const MAX_INLINE: usize = 1_000;
 
 /// What is stored per workflow execution.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -242,7 +247,7 @@ pub async fn start(
         finish: None,
         secrets,
     };
-    let children = run_commands(engine, &spec, &id, &mut stored, commands, &lookup);
+    let mut children = run_commands(engine, &spec, &id, &mut stored, commands, &lookup);
     let value = match seal(engine, &stored) {
         Ok(v) => v,
         Err(e) => {
@@ -250,8 +255,13 @@ pub async fn start(
             return;
         }
     };
-    match engine.store.save_workflow(&id, None, value, children).await {
-        Ok(true) => {}
+    let here = claim_here(engine, &mut children);
+    match engine
+        .store
+        .save_workflow(&id, None, value, children.clone())
+        .await
+    {
+        Ok(true) => hand_over(engine, children, here).await,
         Ok(false) => {
             tracing::warn!(execution = %id, "workflow state already stored; not starting it again");
             return;
@@ -261,7 +271,6 @@ pub async fn start(
             return;
         }
     }
-    engine.queue_notify.notify_one();
     if let Some((status, result)) = stored.finish {
         complete(engine, &id, status, result).await;
     }
@@ -286,6 +295,9 @@ async fn fail_scheduled(engine: &Engine, id: &str, msg: String) {
 /// Turns conductor commands into child executions (returned, to be saved
 /// with the state). Children that cannot even be created (unknown action,
 /// invalid parameters) are fed back to the conductor as failed at once.
+/// Tasks of runner `noop` (up to [`MAX_INLINE`] per step) have nothing to
+/// run: they are created already succeeded and applied at once, so a chain
+/// of them is one step, one transaction.
 fn run_commands(
     engine: &Engine,
     spec: &WorkflowSpec,
@@ -297,6 +309,7 @@ fn run_commands(
     let registry = engine.registry.load_full();
     let mut queue: std::collections::VecDeque<Command> = commands.into();
     let mut out = Vec::new();
+    let mut inline_budget = MAX_INLINE;
     while let Some(cmd) = queue.pop_front() {
         match cmd {
             Command::RunAction {
@@ -322,7 +335,41 @@ fn run_commands(
                         "action '{action}' does not exist; see `aviary action list`"
                     )),
                 };
+                let inline = inline_budget > 0
+                    && delay.unwrap_or(0) == 0
+                    && registry
+                        .actions
+                        .get(&action)
+                        .is_some_and(|meta| meta.runner_type == INLINE_RUNNER);
                 match built {
+                    Ok(mut new) if inline => {
+                        // Nothing to run: it ends here, stored with the step.
+                        inline_budget -= 1;
+                        let result = json!({});
+                        let ex = &mut new.execution;
+                        ex.parent_id = Some(wf_id.to_string());
+                        ex.status = ExecutionStatus::Succeeded;
+                        ex.started_at = Some(now);
+                        ex.finished_at = Some(now);
+                        ex.result = result.clone();
+                        ex.node = Some(engine.config.node.clone());
+                        stored.children.insert(ex.id.clone(), task.clone());
+                        stored.applied.insert(ex.id.clone());
+                        out.push(new);
+                        match conductor::on_action_finished(
+                            spec,
+                            &mut stored.conductor,
+                            &task,
+                            TaskStatus::Succeeded,
+                            result,
+                            env(kv),
+                        ) {
+                            Ok(more) => queue.extend(more),
+                            Err(e) => {
+                                tracing::error!(workflow = wf_id, error = %e, "conductor refused a task's end")
+                            }
+                        }
+                    }
                     Ok(mut new) => {
                         new.execution.parent_id = Some(wf_id.to_string());
                         stored
@@ -369,6 +416,62 @@ fn run_commands(
         }
     }
     out
+}
+
+/// Picks the new children this node starts at once, without the queue:
+/// those due now (no `delay`), not CI builds (they wait for a CI slot in
+/// the queue), while a worker slot is free. They are stored `scheduled`
+/// on this node; [`hand_over`] runs them once stored.
+fn claim_here(
+    engine: &Engine,
+    children: &mut [NewExecution],
+) -> Vec<(String, OwnedSemaphorePermit)> {
+    let now = Utc::now();
+    let mut here = Vec::new();
+    for new in children.iter_mut() {
+        let ex = &mut new.execution;
+        if ex.status != ExecutionStatus::Requested
+            || ex.created_at > now
+            || ex.runner == super::ci::CI_BUILD
+        {
+            continue;
+        }
+        let Ok(permit) = engine.workers.clone().try_acquire_owned() else {
+            break;
+        };
+        ex.status = ExecutionStatus::Scheduled;
+        ex.node = Some(engine.config.node.clone());
+        here.push((ex.id.clone(), permit));
+    }
+    here
+}
+
+/// After a step was stored: runs the children claimed here, wakes the
+/// scheduler for the queued ones, and emits the action triggers of those
+/// that already ended (inline tasks).
+async fn hand_over(
+    engine: &Engine,
+    children: Vec<NewExecution>,
+    here: Vec<(String, OwnedSemaphorePermit)>,
+) {
+    let mut here: HashMap<String, OwnedSemaphorePermit> = here.into_iter().collect();
+    let mut queued = false;
+    let mut ended = Vec::new();
+    for new in children {
+        if new.execution.status.is_terminal() {
+            ended.push(new.execution.id);
+        } else if let Some(permit) = here.remove(&new.execution.id) {
+            engine.direct.run(new, permit);
+        } else {
+            queued = true;
+        }
+    }
+    if queued {
+        engine.queue_notify.notify_one();
+    }
+    for id in ended {
+        engine.emit_execution_triggers(&id).await;
+    }
 }
 
 fn task_status(status: ExecutionStatus) -> TaskStatus {
@@ -426,6 +529,106 @@ pub async fn on_child_finished(engine: &Engine, child_id: &str) {
         // The workflow finished: it may itself be a child.
         current = parent;
     }
+}
+
+/// Records how a workflow's task ended and steps the workflow with it, in
+/// one transaction (the common case: one write per task). Returns false,
+/// having written nothing, when that does not apply (the workflow is not
+/// plainly running, its state changed meanwhile, the child was applied
+/// already...): the caller then records the end alone and steps the
+/// workflow the general way ([`on_child_finished`]).
+pub async fn end_child_and_step(
+    engine: &Engine,
+    child: &Execution,
+    from: &[ExecutionStatus],
+    to: ExecutionStatus,
+    result: Value,
+) -> bool {
+    let Some(wf_id) = child.parent_id.clone() else {
+        return false;
+    };
+    let completed = {
+        let lock = lock_for(&wf_id);
+        let _guard = lock.lock().await;
+        let Ok(Some(wf)) = engine.store.get_execution(&wf_id).await else {
+            return false;
+        };
+        if wf.status != ExecutionStatus::Running || wf.runner != WORKFLOW_RUNNER {
+            return false;
+        }
+        let Ok(Some((version, value))) = engine.store.load_workflow(&wf_id).await else {
+            return false;
+        };
+        let Ok(mut stored) = unseal(engine, value) else {
+            return false;
+        };
+        if stored.finish.is_some() || stored.conductor.paused || stored.applied.contains(&child.id)
+        {
+            return false;
+        }
+        let Some(task) = stored.children.get(&child.id).cloned() else {
+            return false;
+        };
+        let registry = engine.registry.load_full();
+        let Some(spec) = registry.workflows.get(&wf.action).cloned() else {
+            return false;
+        };
+        let snapshot = kv_snapshot(engine, &spec, &mut stored.secrets).await;
+        let lookup = lookup_in(&snapshot);
+        let now = Utc::now();
+        let ended = Execution {
+            status: to,
+            result: result.clone(),
+            finished_at: Some(now),
+            ..child.clone()
+        };
+        stored.applied.insert(child.id.clone());
+        let commands = match conductor::on_action_finished(
+            &spec,
+            &mut stored.conductor,
+            &task,
+            task_status(to),
+            child_result(&ended),
+            env(&lookup),
+        ) {
+            Ok(commands) => commands,
+            Err(_) => return false,
+        };
+        let mut children = run_commands(engine, &spec, &wf_id, &mut stored, commands, &lookup);
+        let Ok(value) = seal(engine, &stored) else {
+            return false;
+        };
+        let here = claim_here(engine, &mut children);
+        let end = ChildEnd {
+            id: child.id.clone(),
+            from: from.to_vec(),
+            to,
+            result,
+            at: now,
+        };
+        match engine
+            .store
+            .save_workflow_step(&wf_id, version, value, children.clone(), Some(end))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return false,
+            Err(e) => {
+                tracing::warn!(workflow = %wf_id, child = %child.id, error = %e, "cannot store a workflow step; retrying it the general way");
+                return false;
+            }
+        }
+        hand_over(engine, children, here).await;
+        match stored.finish {
+            Some((status, result)) => complete(engine, &wf_id, status, result).await,
+            None => false,
+        }
+    };
+    if completed {
+        // The workflow may itself be a task of another.
+        on_child_finished(engine, &wf_id).await;
+    }
+    true
 }
 
 /// Advances a workflow with every ended child not yet applied. Returns true
@@ -592,7 +795,7 @@ pub async fn step(engine: &Engine, wf_id: &str) -> bool {
             }
             return false;
         }
-        let children = run_commands(engine, &spec, wf_id, &mut stored, commands, &lookup);
+        let mut children = run_commands(engine, &spec, wf_id, &mut stored, commands, &lookup);
         let value = match seal(engine, &stored) {
             Ok(v) => v,
             Err(e) => {
@@ -600,21 +803,18 @@ pub async fn step(engine: &Engine, wf_id: &str) -> bool {
                 return false;
             }
         };
-        let any_children = !children.is_empty();
+        let here = claim_here(engine, &mut children);
         match engine
             .store
-            .save_workflow(wf_id, Some(version), value, children)
+            .save_workflow(wf_id, Some(version), value, children.clone())
             .await
         {
-            Ok(true) => {}
+            Ok(true) => hand_over(engine, children, here).await,
             Ok(false) => continue,
             Err(e) => {
                 tracing::warn!(workflow = wf_id, error = %e, "cannot save workflow step");
                 return false;
             }
-        }
-        if any_children {
-            engine.queue_notify.notify_one();
         }
         if let Some((status, result)) = stored.finish {
             return complete(engine, wf_id, status, result).await;
@@ -922,10 +1122,10 @@ pub async fn rerun(
         engine.store.create_execution(new).await?;
         engine
             .store
-            .save_workflow(&new_id, None, value, children)
+            .save_workflow(&new_id, None, value, children.clone())
             .await?;
+        hand_over(engine, children, Vec::new()).await;
     }
-    engine.queue_notify.notify_one();
     if let Some((status, result)) = stored.finish {
         complete(engine, &new_id, status, result).await;
     }
