@@ -329,16 +329,18 @@ pub trait Store: DeployStore + Send + Sync + 'static {
 
     /// One step of a running workflow in one transaction: ends the child
     /// `ended` (only if its status is still in `ended.from`), replaces the
-    /// state (only if its version is still `expected_version`; it becomes
-    /// `expected_version + 1`) and creates the new children (in the status
+    /// state (only if its version is still `expected_version`, it becomes
+    /// `expected_version + 1`, and the workflow execution is still
+    /// `running`) and creates the new children (in the status
     /// they carry: `requested`, or `scheduled`/`running` on the node that
-    /// starts them at once). Returns `false`, writing nothing, when either
+    /// starts them at once). `state` is JSON text (as [`Self::load_workflow`]
+    /// returns it parsed). Returns `false`, writing nothing, when either
     /// condition failed.
     async fn save_workflow_step(
         &self,
         execution_id: &str,
         expected_version: i64,
-        state: serde_json::Value,
+        state: String,
         children: Vec<NewExecution>,
         ended: Option<ChildEnd>,
     ) -> Result<bool, StoreError>;

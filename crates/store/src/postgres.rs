@@ -752,7 +752,7 @@ impl Store for PgStore {
         &self,
         execution_id: &str,
         expected_version: i64,
-        state: serde_json::Value,
+        state: String,
         children: Vec<NewExecution>,
         ended: Option<ChildEnd>,
     ) -> Result<bool, StoreError> {
@@ -760,8 +760,9 @@ impl Store for PgStore {
         let at = to_ns(Utc::now(), "workflow save time")?;
         let mut tx = self.pool.begin().await.map_err(err(op))?;
         let done = sqlx::query(
-            "UPDATE workflow_states SET version = version + 1, state = $2, updated_at = $3 \
-             WHERE execution_id = $1 AND version = $4",
+            "UPDATE workflow_states SET version = version + 1, state = $2::jsonb, updated_at = $3 \
+             WHERE execution_id = $1 AND version = $4 \
+             AND EXISTS (SELECT 1 FROM executions WHERE id = $1 AND status = 'running')",
         )
         .bind(execution_id)
         .bind(&state)

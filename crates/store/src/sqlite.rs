@@ -1107,12 +1107,11 @@ impl Store for SqliteStore {
         &self,
         execution_id: &str,
         expected_version: i64,
-        state: serde_json::Value,
+        state: String,
         children: Vec<NewExecution>,
         ended: Option<ChildEnd>,
     ) -> Result<bool, StoreError> {
         let id = execution_id.to_string();
-        let state = json_text(&state);
         let at = to_ns(Utc::now(), "workflow save time")?;
         let rows = children
             .into_iter()
@@ -1146,7 +1145,9 @@ impl Store for SqliteStore {
             let changed = conn
                 .prepare_cached(
                     "UPDATE workflow_states SET version = version + 1, state = ?2, \
-                     updated_at = ?3 WHERE execution_id = ?1 AND version = ?4",
+                     updated_at = ?3 WHERE execution_id = ?1 AND version = ?4 \
+                     AND EXISTS (SELECT 1 FROM executions \
+                                 WHERE id = ?1 AND status = 'running')",
                 )
                 .map_err(err(op))?
                 .execute(params![id, state, at, expected_version])

@@ -1304,6 +1304,11 @@ async fn workflow_state_is_versioned_and_saved_with_children(h: &Harness) {
 async fn workflow_step_ends_a_child_with_the_state_or_not_at_all(h: &Harness) {
     use ExecutionStatus::*;
     let s = &h.store;
+    let mut wf = new_exec("p.wf", now(), None);
+    wf.execution.id = "wf2".into();
+    wf.execution.runner = "orquesta".into();
+    wf.execution.status = Running;
+    s.create_execution(wf).await.unwrap();
     let mut running = new_exec("core.local", now(), None);
     running.execution.status = Running;
     running.execution.started_at = Some(now());
@@ -1326,7 +1331,7 @@ async fn workflow_step_ends_a_child_with_the_state_or_not_at_all(h: &Harness) {
         !s.save_workflow_step(
             "wf2",
             9,
-            json!({"step": 9}),
+            json!({"step": 9}).to_string(),
             vec![next.clone()],
             Some(end(json!({"n": 1})))
         )
@@ -1347,7 +1352,7 @@ async fn workflow_step_ends_a_child_with_the_state_or_not_at_all(h: &Harness) {
         s.save_workflow_step(
             "wf2",
             1,
-            json!({"step": 2}),
+            json!({"step": 2}).to_string(),
             vec![scheduled.clone()],
             Some(end(json!({"n": 2})))
         )
@@ -1371,7 +1376,7 @@ async fn workflow_step_ends_a_child_with_the_state_or_not_at_all(h: &Harness) {
         !s.save_workflow_step(
             "wf2",
             2,
-            json!({"step": 3}),
+            json!({"step": 3}).to_string(),
             Vec::new(),
             Some(end(json!({"n": 3})))
         )
@@ -1383,9 +1388,26 @@ async fn workflow_step_ends_a_child_with_the_state_or_not_at_all(h: &Harness) {
         s.get_execution(&child).await.unwrap().unwrap().result,
         json!({"n": 2})
     );
+    // Only while the workflow runs (not once pausing, canceling...).
+    assert!(
+        s.transition_execution("wf2", &[Running], Pausing, None, now())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.save_workflow_step("wf2", 2, json!({"step": 3}).to_string(), Vec::new(), None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.load_workflow("wf2").await.unwrap().unwrap().0, 2);
+    assert!(
+        s.transition_execution("wf2", &[Pausing], Running, None, now())
+            .await
+            .unwrap()
+    );
     // Without a child end it is a plain versioned save.
     assert!(
-        s.save_workflow_step("wf2", 2, json!({"step": 3}), Vec::new(), None)
+        s.save_workflow_step("wf2", 2, json!({"step": 3}).to_string(), Vec::new(), None)
             .await
             .unwrap()
     );

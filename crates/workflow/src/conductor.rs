@@ -223,11 +223,11 @@ pub struct TaskEntry {
     pub next: BTreeMap<String, bool>,
     /// Status.
     pub status: TaskStatus,
-    /// Result (with-items: list of item results).
-    pub result: Value,
     /// Retry state, if the task has a retry policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryState>,
     /// True if the task ended a path of the workflow.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub term: bool,
     /// When the entry was created.
     pub started_at: DateTime<Utc>,
@@ -810,7 +810,6 @@ impl Run<'_, '_> {
             prev: staged.prev.clone(),
             next: BTreeMap::new(),
             status: TaskStatus::Running,
-            result: Value::Null,
             retry,
             term: false,
             started_at: self.env.now,
@@ -1192,7 +1191,6 @@ impl Run<'_, '_> {
         {
             let e = &mut state.sequence[idx];
             e.status = status;
-            e.result = result.clone();
             e.finished_at = Some(self.env.now);
         }
         let mut ctx_map = state.context(&state.sequence[idx].ctxs.clone());

@@ -244,6 +244,10 @@ tasks:
       items: h in <% ctx(hosts) %>
       concurrency: 2
     action: core.remote hosts=<% item(h) %> cmd=uptime
+    next:
+      - publish: ups=<% result() %>
+output:
+  - ups: <% ctx(ups) %>
 "#,
     );
     let (mut state, cmds) = conductor::start(&wf, input(json!({"hosts": ["a", "b", "c"]})), env());
@@ -278,13 +282,15 @@ tasks:
         )
         .unwrap();
         if i == 2 {
-            assert_eq!(finish(&cmds).unwrap().0, WorkflowStatus::Succeeded);
+            let (status, output) = finish(&cmds).unwrap();
+            assert_eq!(status, WorkflowStatus::Succeeded);
+            // Item results in item order, whatever order they ended in.
+            assert_eq!(
+                output.and_then(|o| o.get("ups").cloned()),
+                Some(json!(["up 0", "up b", "up 2"]))
+            );
         }
     }
-    assert_eq!(
-        state.entry("ping", 0).unwrap().result,
-        json!(["up 0", "up b", "up 2"])
-    );
 }
 
 #[test]

@@ -206,6 +206,19 @@ async fn run_one(engine: &Engine, new: NewExecution) {
     }
 }
 
+/// Makes `cancel` the token that cancels execution `id` here.
+fn register(engine: &Engine, id: &str, cancel: &CancellationToken) {
+    if let Ok(mut running) = engine.running.lock() {
+        running.insert(id.to_string(), cancel.clone());
+    }
+}
+
+fn unregister(engine: &Engine, id: &str) {
+    if let Ok(mut running) = engine.running.lock() {
+        running.remove(id);
+    }
+}
+
 /// Runs one execution; returns whether its end already stepped its
 /// workflow (see [`finish`]).
 async fn run_one_inner(engine: &Engine, new: NewExecution) -> bool {
@@ -216,7 +229,7 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) -> bool {
         return finish(
             engine,
             &exec,
-            &[ExecutionStatus::Scheduled],
+            &[ExecutionStatus::Scheduled, ExecutionStatus::Running],
             ExecutionStatus::Failed,
             json!({"error": format!("action '{}' no longer exists (packs were reloaded)", exec.action)}),
         )
@@ -228,7 +241,7 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) -> bool {
             return finish(
                 engine,
                 &exec,
-                &[ExecutionStatus::Scheduled],
+                &[ExecutionStatus::Scheduled, ExecutionStatus::Running],
                 ExecutionStatus::Failed,
                 json!({"error": msg}),
             )
@@ -245,29 +258,69 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) -> bool {
         super::inquiry::open(engine, &exec, params).await;
         return false;
     }
-    match engine
-        .store
-        .transition_execution(
-            &id,
-            &[ExecutionStatus::Scheduled],
-            ExecutionStatus::Running,
-            None,
-            Utc::now(),
-        )
-        .await
-    {
-        Ok(true) => {
-            if exec.runner == "ci-build"
-                && params.get("cancel_previous").and_then(Value::as_bool) != Some(false)
-            {
-                engine.cancel_superseded_builds(&exec, &params).await;
+    let registered = engine
+        .running
+        .lock()
+        .ok()
+        .and_then(|running| running.get(&id).cloned());
+    let cancel = registered.clone().unwrap_or_default();
+    if exec.status == ExecutionStatus::Running && registered.is_some() {
+        // Stored running by the workflow step that created it on this node,
+        // which registered its cancel token before storing it: a cancel
+        // since then has fired the token.
+    } else if exec.status == ExecutionStatus::Running {
+        // Register the cancel token before reading the status, so a cancel
+        // either finds the token or is seen here.
+        register(engine, &id, &cancel);
+        match engine.store.get_execution(&id).await {
+            Ok(Some(now)) if now.status == ExecutionStatus::Running => {}
+            Ok(Some(now)) if now.status == ExecutionStatus::Canceling => {
+                unregister(engine, &id);
+                return finish(
+                    engine,
+                    &exec,
+                    &[ExecutionStatus::Canceling],
+                    ExecutionStatus::Canceled,
+                    json!({"error": "canceled before it started"}),
+                )
+                .await;
+            }
+            Ok(_) => {
+                unregister(engine, &id);
+                return false;
+            }
+            Err(e) => {
+                tracing::error!(execution = %id, error = %e, "cannot read an execution before running it");
+                unregister(engine, &id);
+                return false;
             }
         }
-        Ok(false) => return false, // canceled meanwhile
-        Err(e) => {
-            tracing::error!(execution = %id, error = %e, "cannot mark execution running");
-            return false;
+    } else {
+        match engine
+            .store
+            .transition_execution(
+                &id,
+                &[ExecutionStatus::Scheduled],
+                ExecutionStatus::Running,
+                None,
+                Utc::now(),
+            )
+            .await
+        {
+            Ok(true) => {
+                if exec.runner == "ci-build"
+                    && params.get("cancel_previous").and_then(Value::as_bool) != Some(false)
+                {
+                    engine.cancel_superseded_builds(&exec, &params).await;
+                }
+            }
+            Ok(false) => return false, // canceled meanwhile
+            Err(e) => {
+                tracing::error!(execution = %id, error = %e, "cannot mark execution running");
+                return false;
+            }
         }
+        register(engine, &id, &cancel);
     }
 
     // In-process runners: no process, no output stream.
@@ -285,14 +338,11 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) -> bool {
             result,
         )
         .await;
+        unregister(engine, &id);
         engine.emit_execution_triggers(&id).await;
         return stepped;
     }
 
-    let cancel = CancellationToken::new();
-    if let Ok(mut running) = engine.running.lock() {
-        running.insert(id.clone(), cancel.clone());
-    }
     engine.output.open(&id);
     engine
         .output
@@ -322,9 +372,7 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) -> bool {
         )
         .await;
         engine.output.send(&id, LiveEvent::Status(status));
-        if let Ok(mut running) = engine.running.lock() {
-            running.remove(&id);
-        }
+        unregister(engine, &id);
         engine.output.close(&id);
         engine.emit_execution_triggers(&id).await;
         return stepped;
@@ -397,9 +445,7 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) -> bool {
         .await;
         engine.output.send(&id, LiveEvent::Status(status));
     }
-    if let Ok(mut running) = engine.running.lock() {
-        running.remove(&id);
-    }
+    unregister(engine, &id);
     engine.output.close(&id);
     engine.emit_execution_triggers(&id).await;
     stepped

@@ -69,6 +69,48 @@ fn seal(engine: &Engine, stored: &Stored) -> Result<Value, String> {
     Ok(json!({ "sealed": engine.secret_key.encrypt(&value.to_string()) }))
 }
 
+/// [`seal`] as JSON text, without building a `Value` first.
+fn seal_text(engine: &Engine, stored: &Stored) -> Result<String, String> {
+    let text = serde_json::to_string(stored).map_err(|e| e.to_string())?;
+    if stored.secrets.is_empty() {
+        return Ok(text);
+    }
+    Ok(json!({ "sealed": engine.secret_key.encrypt(&text) }).to_string())
+}
+
+/// Per workflow: the stored state's version, the state, the workflow action.
+type StateCache = Mutex<HashMap<String, (i64, Stored, String)>>;
+
+/// The last state this node stored for each workflow it steps, with its
+/// version: a step reads it instead of the store. A copy is only trusted
+/// for its version (a save with a stale one fails and the step reloads).
+fn state_cache() -> &'static StateCache {
+    static CACHE: OnceLock<StateCache> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+/// Most workflow states kept in memory.
+const MAX_CACHED_STATES: usize = 1_000;
+
+fn take_cached(id: &str) -> Option<(i64, Stored, String)> {
+    state_cache().lock().ok()?.remove(id)
+}
+
+fn put_cached(id: &str, version: i64, stored: Stored, action: &str) {
+    if let Ok(mut map) = state_cache().lock() {
+        if map.len() >= MAX_CACHED_STATES {
+            map.clear();
+        }
+        map.insert(id.to_string(), (version, stored, action.to_string()));
+    }
+}
+
+fn forget_cached(id: &str) {
+    if let Ok(mut map) = state_cache().lock() {
+        map.remove(id);
+    }
+}
+
 /// Decodes [`seal`]'s output.
 fn unseal(engine: &Engine, value: Value) -> Result<Stored, String> {
     if let Some(sealed) = value.get("sealed").and_then(Value::as_str) {
@@ -263,16 +305,21 @@ pub async fn start(
     {
         Ok(true) => hand_over(engine, children, here).await,
         Ok(false) => {
+            release_here(engine, here);
             tracing::warn!(execution = %id, "workflow state already stored; not starting it again");
             return;
         }
         Err(e) => {
+            release_here(engine, here);
             tracing::error!(execution = %id, error = %e, "cannot store the workflow's first step");
             return;
         }
     }
-    if let Some((status, result)) = stored.finish {
-        complete(engine, &id, status, result).await;
+    match stored.finish.take() {
+        Some((status, result)) => {
+            complete(engine, &id, status, result).await;
+        }
+        None => put_cached(&id, 1, stored, &exec.action),
     }
 }
 
@@ -420,8 +467,11 @@ fn run_commands(
 
 /// Picks the new children this node starts at once, without the queue:
 /// those due now (no `delay`), not CI builds (they wait for a CI slot in
-/// the queue), while a worker slot is free. They are stored `scheduled`
-/// on this node; [`hand_over`] runs them once stored.
+/// the queue), while a worker slot is free. They are stored already
+/// `running` on this node (a crash before they end makes them `abandoned`,
+/// as for any running action); [`hand_over`] runs them once stored.
+/// Workflows and inquiries are stored `scheduled` (their own start marks
+/// them).
 fn claim_here(
     engine: &Engine,
     children: &mut [NewExecution],
@@ -439,11 +489,31 @@ fn claim_here(
         let Ok(permit) = engine.workers.clone().try_acquire_owned() else {
             break;
         };
-        ex.status = ExecutionStatus::Scheduled;
+        if ex.runner == WORKFLOW_RUNNER || ex.runner == super::inquiry::INQUIRY_RUNNER {
+            ex.status = ExecutionStatus::Scheduled;
+        } else {
+            ex.status = ExecutionStatus::Running;
+            ex.started_at = Some(now);
+        }
         ex.node = Some(engine.config.node.clone());
+        if ex.status == ExecutionStatus::Running
+            && let Ok(mut running) = engine.running.lock()
+        {
+            // Before it is stored, so that a cancel always finds it.
+            running.insert(ex.id.clone(), CancellationToken::new());
+        }
         here.push((ex.id.clone(), permit));
     }
     here
+}
+
+/// Undoes [`claim_here`] when the step was not stored.
+fn release_here(engine: &Engine, here: Vec<(String, OwnedSemaphorePermit)>) {
+    if let Ok(mut running) = engine.running.lock() {
+        for (id, _permit) in here {
+            running.remove(&id);
+        }
+    }
 }
 
 /// After a step was stored: runs the children claimed here, wakes the
@@ -550,17 +620,25 @@ pub async fn end_child_and_step(
     let completed = {
         let lock = lock_for(&wf_id);
         let _guard = lock.lock().await;
-        let Ok(Some(wf)) = engine.store.get_execution(&wf_id).await else {
-            return false;
-        };
-        if wf.status != ExecutionStatus::Running || wf.runner != WORKFLOW_RUNNER {
-            return false;
-        }
-        let Ok(Some((version, value))) = engine.store.load_workflow(&wf_id).await else {
-            return false;
-        };
-        let Ok(mut stored) = unseal(engine, value) else {
-            return false;
+        // The workflow must still be running: checked by the store in the
+        // step's transaction (and here when its state is not cached).
+        let (version, mut stored, action) = match take_cached(&wf_id) {
+            Some(cached) => cached,
+            None => {
+                let Ok(Some(wf)) = engine.store.get_execution(&wf_id).await else {
+                    return false;
+                };
+                if wf.status != ExecutionStatus::Running || wf.runner != WORKFLOW_RUNNER {
+                    return false;
+                }
+                let Ok(Some((version, value))) = engine.store.load_workflow(&wf_id).await else {
+                    return false;
+                };
+                let Ok(stored) = unseal(engine, value) else {
+                    return false;
+                };
+                (version, stored, wf.action)
+            }
         };
         if stored.finish.is_some() || stored.conductor.paused || stored.applied.contains(&child.id)
         {
@@ -570,7 +648,7 @@ pub async fn end_child_and_step(
             return false;
         };
         let registry = engine.registry.load_full();
-        let Some(spec) = registry.workflows.get(&wf.action).cloned() else {
+        let Some(spec) = registry.workflows.get(&action).cloned() else {
             return false;
         };
         let snapshot = kv_snapshot(engine, &spec, &mut stored.secrets).await;
@@ -595,7 +673,7 @@ pub async fn end_child_and_step(
             Err(_) => return false,
         };
         let mut children = run_commands(engine, &spec, &wf_id, &mut stored, commands, &lookup);
-        let Ok(value) = seal(engine, &stored) else {
+        let Ok(value) = seal_text(engine, &stored) else {
             return false;
         };
         let here = claim_here(engine, &mut children);
@@ -612,16 +690,23 @@ pub async fn end_child_and_step(
             .await
         {
             Ok(true) => {}
-            Ok(false) => return false,
+            Ok(false) => {
+                release_here(engine, here);
+                return false;
+            }
             Err(e) => {
+                release_here(engine, here);
                 tracing::warn!(workflow = %wf_id, child = %child.id, error = %e, "cannot store a workflow step; retrying it the general way");
                 return false;
             }
         }
         hand_over(engine, children, here).await;
-        match stored.finish {
+        match stored.finish.take() {
             Some((status, result)) => complete(engine, &wf_id, status, result).await,
-            None => false,
+            None => {
+                put_cached(&wf_id, version + 1, stored, &action);
+                false
+            }
         }
     };
     if completed {
@@ -636,6 +721,7 @@ pub async fn end_child_and_step(
 pub async fn step(engine: &Engine, wf_id: &str) -> bool {
     let lock = lock_for(wf_id);
     let _guard = lock.lock().await;
+    forget_cached(wf_id);
     let registry = engine.registry.load_full();
     for _attempt in 0..20 {
         let wf = match engine.store.get_execution(wf_id).await {
@@ -810,8 +896,12 @@ pub async fn step(engine: &Engine, wf_id: &str) -> bool {
             .await
         {
             Ok(true) => hand_over(engine, children, here).await,
-            Ok(false) => continue,
+            Ok(false) => {
+                release_here(engine, here);
+                continue;
+            }
             Err(e) => {
+                release_here(engine, here);
                 tracing::warn!(workflow = wf_id, error = %e, "cannot save workflow step");
                 return false;
             }
@@ -822,6 +912,7 @@ pub async fn step(engine: &Engine, wf_id: &str) -> bool {
         if settled {
             mark_paused(engine, wf_id).await;
         }
+        put_cached(wf_id, version + 1, stored, &wf.action);
         return false;
     }
     tracing::warn!(
@@ -886,6 +977,7 @@ async fn complete(
     };
     if changed {
         forget_lock(wf_id);
+        forget_cached(wf_id);
         engine.emit_execution_triggers(wf_id).await;
     }
     changed
