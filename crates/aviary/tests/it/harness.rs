@@ -50,6 +50,20 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
+/// A port `p` with `p + 1` free too, below the kernel's ephemeral range
+/// (32768-60999), so no outgoing connection takes either meanwhile.
+pub fn free_port_pair() -> u16 {
+    use std::net::TcpListener;
+    let start = 20_000 + (std::process::id() % 5_000) as u16 * 2;
+    (0..6_000u16)
+        .map(|i| 20_000 + (start - 20_000 + i * 2) % 12_000)
+        .find(|p| {
+            TcpListener::bind(("127.0.0.1", *p)).is_ok()
+                && TcpListener::bind(("127.0.0.1", *p + 1)).is_ok()
+        })
+        .expect("a free pair of ports below 32000")
+}
+
 impl Server {
     pub fn start(backend: Backend, packs: &[&Path]) -> Server {
         Self::start_with(backend, packs, &[])

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{bin, free_port, git};
+use crate::harness::{bin, free_port_pair, git};
 
 const APP: &str = "hello-aviary";
 
@@ -218,7 +218,8 @@ fn the_seed_pipeline_end_to_end() {
     }
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("demo");
-    let port = free_port();
+    // The demo's haproxy front end binds port + 1.
+    let port = free_port_pair();
     let (hook_url, notes) = receiver();
 
     // 1. `aviary demo`: server, hosts, haproxy, the sample repository, a
