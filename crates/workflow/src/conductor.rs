@@ -568,7 +568,7 @@ pub fn on_action_finished(
     if status.is_abended() {
         state.log(WorkflowError {
             task_id: Some(task.id.clone()),
-            result: Some(result.clone()),
+            result: (!result.is_null()).then(|| result.clone()),
             ..error("Execution failed. See result for details.")
         });
     }
@@ -1163,7 +1163,16 @@ impl Run<'_, '_> {
         {
             return route;
         }
-        let tid = format!("{src}__t{idx}");
+        // Orquesta names a split by the edge from `src` to `target`: its
+        // key counts the earlier transitions of `src` naming `target`.
+        let key = self.task_spec(src).map_or(idx, |t| {
+            t.next
+                .iter()
+                .take(idx)
+                .filter(|n| n.targets.iter().any(|x| x == target))
+                .count()
+        });
+        let tid = format!("{src}__t{key}");
         let old = state.routes.get(route).cloned().unwrap_or_default();
         if old.contains(&tid) {
             return route;
@@ -1468,8 +1477,12 @@ impl Run<'_, '_> {
         {
             return;
         }
-        // Unreachable joins: the workflow cannot finish them.
-        if state.status == WorkflowStatus::Succeeded {
+        // Unreachable joins: the workflow cannot finish them (logged after a
+        // failure too, as Orquesta does).
+        if matches!(
+            state.status,
+            WorkflowStatus::Succeeded | WorkflowStatus::Failed
+        ) {
             let stuck: Vec<(String, usize)> = state
                 .staged
                 .iter()
@@ -1486,7 +1499,7 @@ impl Run<'_, '_> {
                         task_id: Some(id.clone()),
                         route: Some(route),
                         ..error(format!(
-                            "UnreachableJoinError: The join task \"{id}\" is partially satisfied but unreachable."
+                            "UnreachableJoinError: The join task|route \"{id}|{route}\" is partially satisfied but unreachable."
                         ))
                     });
                 }
