@@ -431,6 +431,18 @@ pub fn start(
     input: Map<String, Value>,
     env: Env<'_>,
 ) -> (WorkflowState, Vec<Command>) {
+    start_with_context(spec, input, Map::new(), env)
+}
+
+/// Like [`start`], with an initial context (Orquesta's conductor
+/// `context`, such as StackStorm's `st2` values) that inputs and vars are
+/// laid over.
+pub fn start_with_context(
+    spec: &WorkflowSpec,
+    input: Map<String, Value>,
+    context: Map<String, Value>,
+    env: Env<'_>,
+) -> (WorkflowState, Vec<Command>) {
     let mut state = WorkflowState {
         status: WorkflowStatus::Running,
         input: input.clone(),
@@ -446,7 +458,7 @@ pub fn start(
         finished_at: None,
         paused: false,
     };
-    let mut ctx = Map::new();
+    let mut ctx = context;
     let mut failed = false;
     for (name, default) in &spec.input {
         let value = match (input.get(name), default) {
