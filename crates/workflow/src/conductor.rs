@@ -431,6 +431,18 @@ pub fn start(
     input: Map<String, Value>,
     env: Env<'_>,
 ) -> (WorkflowState, Vec<Command>) {
+    start_with_context(spec, input, Map::new(), env)
+}
+
+/// Like [`start`], with an initial context (Orquesta's conductor
+/// `context`, such as StackStorm's `st2` values) that inputs and vars are
+/// laid over.
+pub fn start_with_context(
+    spec: &WorkflowSpec,
+    input: Map<String, Value>,
+    context: Map<String, Value>,
+    env: Env<'_>,
+) -> (WorkflowState, Vec<Command>) {
     let mut state = WorkflowState {
         status: WorkflowStatus::Running,
         input: input.clone(),
@@ -446,7 +458,7 @@ pub fn start(
         finished_at: None,
         paused: false,
     };
-    let mut ctx = Map::new();
+    let mut ctx = context;
     let mut failed = false;
     for (name, default) in &spec.input {
         let value = match (input.get(name), default) {
@@ -568,7 +580,7 @@ pub fn on_action_finished(
     if status.is_abended() {
         state.log(WorkflowError {
             task_id: Some(task.id.clone()),
-            result: Some(result.clone()),
+            result: (!result.is_null()).then(|| result.clone()),
             ..error("Execution failed. See result for details.")
         });
     }
@@ -1163,7 +1175,16 @@ impl Run<'_, '_> {
         {
             return route;
         }
-        let tid = format!("{src}__t{idx}");
+        // Orquesta names a split by the edge from `src` to `target`: its
+        // key counts the earlier transitions of `src` naming `target`.
+        let key = self.task_spec(src).map_or(idx, |t| {
+            t.next
+                .iter()
+                .take(idx)
+                .filter(|n| n.targets.iter().any(|x| x == target))
+                .count()
+        });
+        let tid = format!("{src}__t{key}");
         let old = state.routes.get(route).cloned().unwrap_or_default();
         if old.contains(&tid) {
             return route;
@@ -1468,8 +1489,12 @@ impl Run<'_, '_> {
         {
             return;
         }
-        // Unreachable joins: the workflow cannot finish them.
-        if state.status == WorkflowStatus::Succeeded {
+        // Unreachable joins: the workflow cannot finish them (logged after a
+        // failure too, as Orquesta does).
+        if matches!(
+            state.status,
+            WorkflowStatus::Succeeded | WorkflowStatus::Failed
+        ) {
             let stuck: Vec<(String, usize)> = state
                 .staged
                 .iter()
@@ -1486,7 +1511,7 @@ impl Run<'_, '_> {
                         task_id: Some(id.clone()),
                         route: Some(route),
                         ..error(format!(
-                            "UnreachableJoinError: The join task \"{id}\" is partially satisfied but unreachable."
+                            "UnreachableJoinError: The join task|route \"{id}|{route}\" is partially satisfied but unreachable."
                         ))
                     });
                 }

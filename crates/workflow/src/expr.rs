@@ -399,12 +399,15 @@ impl Parser<'_> {
                     let mut args = Vec::new();
                     if !self.eat_sym(")") {
                         loop {
-                            // ctx(name) and item(name) and task_status(name) take bare names.
+                            // A bare name as a whole argument is a YAQL keyword
+                            // string: ctx(name), task_status(name), list(a, b).
                             let bare = match (self.toks.get(self.pos), self.toks.get(self.pos + 1))
                             {
-                                (Some((Tok::Ident(n), _)), Some((Tok::Sym(")"), _)))
-                                    if matches!(word.as_str(), "ctx" | "item" | "task_status")
-                                        && !matches!(n.as_str(), "true" | "false" | "null") =>
+                                (Some((Tok::Ident(n), _)), Some((Tok::Sym(")" | ","), _)))
+                                    if !matches!(
+                                        n.as_str(),
+                                        "true" | "false" | "null" | "none" | "$"
+                                    ) =>
                                 {
                                     Some(n.clone())
                                 }
@@ -1282,6 +1285,9 @@ mod tests {
         assert_eq!(y("<% 2 in ctx(xs) %>"), json!(true));
         assert_eq!(y("<% 'b' in ctx(a) %>"), json!(true));
         assert_eq!(y("<% 'a' + 'b' + str(1) %>"), json!("ab1"));
+        // Bare names as arguments are YAQL keyword strings.
+        assert_eq!(y("<% list(a, b) %>"), json!(["a", "b"]));
+        assert_eq!(y("<% not 'c' in list(a, b) %>"), json!(true));
         assert_eq!(y("<% [1, 'x', null] %>"), json!([1, "x", null]));
         assert_eq!(
             y("<% {'k' => 1, 'j' => true} %>"),

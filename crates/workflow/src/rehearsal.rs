@@ -5,6 +5,7 @@
 //! ```yaml
 //! workflow: workflows/sequential.yaml
 //! inputs: {name: Stanley}
+//! context: {st2: {api_url: ...}}   # optional initial context
 //! mock_action_executions:
 //!   - task_id: task1          # also: seq_id, item_id, num_iter, status, result
 //!     result: Stanley
@@ -65,6 +66,9 @@ pub struct RehearsalSpec {
     /// Workflow input.
     #[serde(default)]
     pub inputs: Map<String, Value>,
+    /// Initial workflow context (Orquesta's conductor `context`).
+    #[serde(default)]
+    pub context: Map<String, Value>,
     /// Mocked results.
     #[serde(default)]
     pub mock_action_executions: Vec<MockActionExecution>,
@@ -219,7 +223,8 @@ fn run(wf_spec: &WorkflowSpec, spec: &RehearsalSpec) -> Result<WorkflowState, St
     let now: DateTime<Utc> = DateTime::UNIX_EPOCH;
     let env = Env { now, kv: None };
     let mut uses: Vec<usize> = vec![0; spec.mock_action_executions.len()];
-    let (mut state, mut pending) = conductor::start(wf_spec, spec.inputs.clone(), env);
+    let (mut state, mut pending) =
+        conductor::start_with_context(wf_spec, spec.inputs.clone(), spec.context.clone(), env);
     let mut rounds = 0;
     while pending
         .iter()
