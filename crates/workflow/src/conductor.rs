@@ -1169,10 +1169,10 @@ impl Run<'_, '_> {
         target: &str,
         route: usize,
     ) -> usize {
-        if ENGINE_COMMANDS.contains(&target)
-            || !self.spec.is_split(target)
-            || self.spec.in_cycle(target)
-        {
+        // Engine commands split like tasks: `noop` named by the failure
+        // transitions of several branches runs once per branch, each on
+        // its own route (as in Orquesta).
+        if !self.spec.is_split(target) || self.spec.in_cycle(target) {
             return route;
         }
         // Orquesta names a split by the edge from `src` to `target`: its

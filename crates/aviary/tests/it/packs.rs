@@ -97,6 +97,29 @@ fn bad_reload_keeps_the_running_set() {
 }
 
 #[test]
+fn the_cicd_pack_rehearsals_pass() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packs/cicd/tests");
+    let mut specs: Vec<String> = std::fs::read_dir(&root)
+        .expect("packs/cicd/tests")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .map(|p| p.display().to_string())
+        .collect();
+    specs.sort();
+    assert!(specs.len() >= 8, "{specs:?}");
+    let mut args = vec!["workflow".to_string(), "rehearse".to_string()];
+    args.extend(specs);
+    let out = std::process::Command::new(bin())
+        .args(&args)
+        .output()
+        .expect("run aviary");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(" 0 failed"), "{text}");
+}
+
+#[test]
 fn workflow_rehearse_runs_specs_and_shows_differences() {
     let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../workflow/tests"));
     let specs: Vec<_> = std::fs::read_dir(root.join("rehearsals"))

@@ -428,7 +428,6 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) -> bool {
             None
         }
     };
-    let _ = std::fs::remove_dir_all(&work_dir);
     if let Some(outcome) = outcome {
         let status = if cancel.is_cancelled() {
             ExecutionStatus::Canceled
@@ -447,6 +446,11 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) -> bool {
     }
     unregister(engine, &id);
     engine.output.close(&id);
+    // The work directory goes once the end is recorded (off the path to
+    // the next task); what a crash leaves is removed at the next start.
+    tokio::task::spawn_blocking(move || {
+        let _ = std::fs::remove_dir_all(&work_dir);
+    });
     engine.emit_execution_triggers(&id).await;
     stepped
 }
