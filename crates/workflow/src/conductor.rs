@@ -615,7 +615,13 @@ pub fn on_action_finished(
             run.maybe_finish(state);
             return Ok(run.commands);
         }
-        let results: Vec<Value> = items.iter().map(|i| i.result.clone()).collect();
+        // As Orquesta: the results of the items that ran (in item order);
+        // items never started after a failure are left out.
+        let results: Vec<Value> = items
+            .iter()
+            .filter(|i| i.status.is_some())
+            .map(|i| i.result.clone())
+            .collect();
         let status = if any_failed {
             TaskStatus::Failed
         } else {
