@@ -450,13 +450,17 @@ pub(crate) async fn execution(
         }
         ExecutionCmd::Pause { id } => pause_resume(api, &id, "pause", console).await,
         ExecutionCmd::Resume { id } => pause_resume(api, &id, "resume", console).await,
-        ExecutionCmd::ReRun { id, tasks } => {
+        ExecutionCmd::ReRun {
+            id,
+            tasks,
+            no_reset,
+        } => {
             let body = api
                 .call(
                     Method::POST,
                     &["executions", &id, "re-run"],
                     &[],
-                    Some(&serde_json::json!({ "tasks": tasks })),
+                    Some(&serde_json::json!({ "tasks": tasks, "no_reset": no_reset })),
                 )
                 .await?;
             if console.json {

@@ -167,6 +167,10 @@ pub enum ExecutionCmd {
         /// Tasks to run again, comma-separated (e.g. --tasks build,test).
         #[arg(long, value_delimiter = ',', required = true)]
         tasks: Vec<String>,
+        /// With-items tasks (also in --tasks) whose items that succeeded are kept:
+        /// only their other items run again.
+        #[arg(long = "no-reset", value_delimiter = ',')]
+        no_reset: Vec<String>,
     },
 }
 

@@ -272,6 +272,10 @@ pub struct StagedTask {
     pub concurrency: Option<usize>,
     /// Run even though the workflow failed (remediation next to `fail`).
     pub run_on_fail: bool,
+    /// Items kept from the run being re-run (`--no-reset`): item index ->
+    /// its result; they count as succeeded and are not run again.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub kept_items: BTreeMap<usize, Value>,
 }
 
 /// The whole, serializable state of one workflow run.
@@ -520,6 +524,7 @@ pub fn start_with_context(
                 item_actions: Vec::new(),
                 concurrency: None,
                 run_on_fail: false,
+                kept_items: BTreeMap::new(),
             });
         }
         run.dispatch(&mut state);
@@ -655,6 +660,12 @@ pub fn cancel(spec: &WorkflowSpec, state: &mut WorkflowState, env: Env<'_>) -> V
 /// Why a re-run cannot start.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RerunError {
+    /// A task to keep items of is not one of the tasks re-run.
+    #[error("task '{0}' is in --no-reset but not in --tasks; list it in both")]
+    KeptNotRerun(String),
+    /// A task to keep items of is not a with-items task.
+    #[error("task '{0}' is not a with-items task; --no-reset only applies to with-items tasks")]
+    KeptNotItems(String),
     /// The original is still running.
     #[error("the workflow is still {0}; only a finished workflow can be re-run")]
     NotFinished(&'static str),
@@ -679,6 +690,27 @@ pub fn rerun(
     tasks: &[String],
     env: Env<'_>,
 ) -> Result<(WorkflowState, Vec<Command>), RerunError> {
+    rerun_keeping(spec, original, tasks, &BTreeMap::new(), env)
+}
+
+/// [`rerun`], keeping some items of with-items tasks (StackStorm's
+/// `--no-reset`): `kept` maps a task to the items (index -> result) that
+/// succeeded before; they are not run again and keep their results.
+pub fn rerun_keeping(
+    spec: &WorkflowSpec,
+    original: &WorkflowState,
+    tasks: &[String],
+    kept: &BTreeMap<String, BTreeMap<usize, Value>>,
+    env: Env<'_>,
+) -> Result<(WorkflowState, Vec<Command>), RerunError> {
+    for name in kept.keys() {
+        if !tasks.contains(name) {
+            return Err(RerunError::KeptNotRerun(name.clone()));
+        }
+        if spec.tasks.get(name).is_none_or(|t| t.with.is_none()) {
+            return Err(RerunError::KeptNotItems(name.clone()));
+        }
+    }
     if !original.status.is_completed() {
         return Err(RerunError::NotFinished(original.status.as_str()));
     }
@@ -719,6 +751,7 @@ pub fn rerun(
             item_actions: Vec::new(),
             concurrency: None,
             run_on_fail: false,
+            kept_items: kept.get(name).cloned().unwrap_or_default(),
         });
     }
     let mut run = Run {
@@ -1074,20 +1107,29 @@ impl Run<'_, '_> {
                     };
                     let n = actions.len();
                     let s = &mut state.staged[si];
-                    s.items = Some(vec![
-                        ItemState {
-                            status: None,
-                            result: Value::Null,
-                        };
-                        n
-                    ]);
+                    let items: Vec<ItemState> = (0..n)
+                        .map(|i| match s.kept_items.get(&i) {
+                            Some(result) => ItemState {
+                                status: Some(TaskStatus::Succeeded),
+                                result: result.clone(),
+                            },
+                            None => ItemState {
+                                status: None,
+                                result: Value::Null,
+                            },
+                        })
+                        .collect();
+                    let all_kept = items.iter().all(|i| i.status.is_some());
+                    let results: Vec<Value> = items.iter().map(|i| i.result.clone()).collect();
+                    s.items = Some(items);
                     s.item_actions = actions;
                     s.concurrency = concurrency;
                     s.dispatched = true;
-                    if n == 0 {
-                        // No items: the task succeeds at once with an empty result.
+                    if all_kept {
+                        // No items, or every item kept from the run re-run:
+                        // the task succeeds at once.
                         if let Ok(idx) = self.entry_for_event(state, &staged.id, staged.route) {
-                            self.complete(state, idx, TaskStatus::Succeeded, Value::Array(vec![]));
+                            self.complete(state, idx, TaskStatus::Succeeded, Value::Array(results));
                         }
                         return true;
                     }
@@ -1272,6 +1314,7 @@ impl Run<'_, '_> {
                     item_actions: Vec::new(),
                     concurrency: None,
                     run_on_fail: false,
+                    kept_items: BTreeMap::new(),
                 });
                 return;
             }
@@ -1388,6 +1431,7 @@ impl Run<'_, '_> {
                             item_actions: Vec::new(),
                             concurrency: None,
                             run_on_fail: false,
+                            kept_items: BTreeMap::new(),
                         });
                         state.staged.len() - 1
                     }

@@ -462,3 +462,86 @@ fn rerun_keeps_finished_tasks_and_runs_the_named_ones_again() {
     let (running, _) = conductor::start(&s, Map::new(), env());
     assert!(conductor::rerun(&s, &running, &["a".into()], env()).is_err());
 }
+
+#[test]
+fn rerun_without_reset_runs_only_the_items_that_did_not_succeed() {
+    let s = spec(
+        r#"
+version: 1.0
+input: [hosts]
+tasks:
+  ping:
+    with: h in <% ctx(hosts) %>
+    action: core.echo message=<% item(h) %>
+    next:
+      - when: <% succeeded() %>
+        publish: ups=<% result() %>
+output:
+  - ups: <% ctx(ups) %>
+"#,
+    );
+    let item = |i: usize| TaskRef {
+        id: "ping".into(),
+        route: 0,
+        item: Some(i),
+    };
+    let (mut st, cmds) = conductor::start(&s, input(json!({"hosts": ["a", "b", "c"]})), env());
+    assert_eq!(runs(&cmds).len(), 3);
+    for (i, status) in [
+        (0, TaskStatus::Succeeded),
+        (1, TaskStatus::Failed),
+        (2, TaskStatus::Succeeded),
+    ] {
+        conductor::on_action_finished(&s, &mut st, &item(i), status, json!(format!("r{i}")), env())
+            .unwrap();
+    }
+    assert_eq!(st.status, WorkflowStatus::Failed);
+    let kept = [(
+        "ping".to_string(),
+        [(0, json!("r0")), (2, json!("r2"))].into_iter().collect(),
+    )]
+    .into_iter()
+    .collect();
+    // The kept task must be re-run, and be a with-items task.
+    let err = conductor::rerun_keeping(&s, &st, &["other".into()], &kept, env()).unwrap_err();
+    assert!(err.to_string().contains("not in --tasks"), "{err}");
+    let (mut again, cmds) =
+        conductor::rerun_keeping(&s, &st, &["ping".into()], &kept, env()).unwrap();
+    let r = runs(&cmds);
+    assert_eq!(r.len(), 1, "only the failed item runs again: {r:?}");
+    assert_eq!(r[0].0.item, Some(1));
+    let cmds = conductor::on_action_finished(
+        &s,
+        &mut again,
+        &item(1),
+        TaskStatus::Succeeded,
+        json!("fixed"),
+        env(),
+    )
+    .unwrap();
+    assert_eq!(
+        finish(&cmds),
+        Some((
+            WorkflowStatus::Succeeded,
+            Some(input(json!({"ups": ["r0", "fixed", "r2"]})))
+        ))
+    );
+    // Every item kept: the task succeeds without running anything.
+    let all = [(
+        "ping".to_string(),
+        [(0, json!("x")), (1, json!("y")), (2, json!("z"))]
+            .into_iter()
+            .collect(),
+    )]
+    .into_iter()
+    .collect();
+    let (_, cmds) = conductor::rerun_keeping(&s, &st, &["ping".into()], &all, env()).unwrap();
+    assert!(runs(&cmds).is_empty());
+    assert_eq!(
+        finish(&cmds),
+        Some((
+            WorkflowStatus::Succeeded,
+            Some(input(json!({"ups": ["x", "y", "z"]})))
+        ))
+    );
+}

@@ -195,6 +195,32 @@ output:
   - checked: <% ctx(checked) %>
 "#,
     );
+    // With-items: item b fails until the marker exists.
+    workflow(
+        &pack,
+        "each",
+        r#"version: 1.0
+input:
+  - file
+  - marker
+tasks:
+  each:
+    with: x in <% list(a, b, c) %>
+    action: core.local
+    input:
+      cmd: echo "$X" >> "$F"; if [ "$X" = b ] && [ ! -e "$M" ]; then exit 1; fi; echo "got $X"
+      env:
+        X: <% item(x) %>
+        F: <% ctx(file) %>
+        M: <% ctx(marker) %>
+    next:
+      - when: <% succeeded() %>
+        publish:
+          - got: <% result() %>
+output:
+  - got: <% ctx(got) %>
+"#,
+    );
     pack
 }
 
@@ -612,4 +638,65 @@ fn rerun_a_failed_workflow_from_a_task() {
     assert_eq!(status(&s, &id), "failed");
     let (_, audit) = s.get("/api/v1/audit?limit=100");
     assert!(audit.to_string().contains("execution.re-run"), "{audit}");
+}
+
+#[test]
+fn rerun_without_reset_runs_only_the_failed_items() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pack = ops_pack(dir.path());
+    let s = Server::start(Backend::Sqlite, &[&pack]);
+    let file = dir.path().join("items.txt");
+    let marker = dir.path().join("marker");
+    let id = run(
+        &s,
+        "ops.each",
+        json!({"file": file.display().to_string(), "marker": marker.display().to_string()}),
+    );
+    let wf = s.wait_execution(&id);
+    assert_eq!(wf["status"], "failed", "{wf}");
+    let mut first: Vec<String> = std::fs::read_to_string(&file)
+        .expect("items")
+        .lines()
+        .map(String::from)
+        .collect();
+    first.sort();
+    assert_eq!(first, vec!["a", "b", "c"]);
+    write(&marker, "");
+    // --no-reset must name a task that is re-run.
+    let out = s.cli(&[
+        "execution",
+        "re-run",
+        &id,
+        "--tasks",
+        "each",
+        "--no-reset",
+        "other",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = s.cli(&[
+        "--json",
+        "execution",
+        "re-run",
+        &id,
+        "--tasks",
+        "each",
+        "--no-reset",
+        "each",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let new: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let again = s.wait_execution(new["id"].as_str().expect("id"));
+    assert_eq!(again["status"], "succeeded", "{again}\n{}", s.log());
+    // Only b ran again; a's and c's results were kept.
+    let lines = std::fs::read_to_string(&file).expect("items");
+    assert_eq!(lines.lines().count(), 4, "{lines}");
+    assert_eq!(lines.lines().last(), Some("b"), "{lines}");
+    let got: Vec<String> = again["result"]["output"]["got"]
+        .as_array()
+        .expect("got")
+        .iter()
+        .map(|r| r["stdout"].as_str().unwrap_or_default().trim().to_string())
+        .collect();
+    assert_eq!(got, vec!["got a", "got b", "got c"], "{again}");
+    assert_eq!(children(&s, new["id"].as_str().expect("id")).len(), 1);
 }

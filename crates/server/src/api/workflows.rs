@@ -80,9 +80,13 @@ pub async fn resume(
 #[serde(deny_unknown_fields)]
 struct RerunBody {
     tasks: Vec<String>,
+    /// With-items tasks (among `tasks`) whose succeeded items are kept.
+    #[serde(default)]
+    no_reset: Vec<String>,
 }
 
-/// `POST /api/v1/executions/{id}/re-run` with `{"tasks": ["a", "b"]}`.
+/// `POST /api/v1/executions/{id}/re-run` with `{"tasks": ["a", "b"]}`
+/// (and `"no_reset": ["b"]` to run only b's items that did not succeed).
 pub async fn rerun(
     caller: Caller,
     State(state): State<AppState>,
@@ -90,13 +94,20 @@ pub async fn rerun(
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let body: RerunBody = parse_json(&body)?;
-    let exec = workflow::rerun(&state.engine, &id, &body.tasks, &caller.name).await?;
+    let exec = workflow::rerun(
+        &state.engine,
+        &id,
+        &body.tasks,
+        &body.no_reset,
+        &caller.name,
+    )
+    .await?;
     audit(
         &state,
         &caller.name,
         "execution.re-run",
         &exec.id,
-        json!({"original": id, "tasks": body.tasks}),
+        json!({"original": id, "tasks": body.tasks, "no_reset": body.no_reset}),
     )
     .await;
     Ok((StatusCode::CREATED, Json(json!(exec))))

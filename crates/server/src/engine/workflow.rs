@@ -1137,10 +1137,14 @@ pub async fn resume(engine: &Engine, id: &str) -> Result<Execution, PauseError> 
 /// execution (same action and input) whose state starts from the
 /// original's, keeping its finished tasks' results and context, and runs
 /// the named tasks again and what follows them. Returns the new execution.
+/// `no_reset` names with-items tasks among `tasks` whose items that
+/// succeeded are kept (StackStorm's `--no-reset`): only their other items
+/// run again.
 pub async fn rerun(
     engine: &Engine,
     id: &str,
     tasks: &[String],
+    no_reset: &[String],
     requested_by: &str,
 ) -> Result<Execution, PauseError> {
     let exec = engine
@@ -1181,8 +1185,35 @@ pub async fn rerun(
     let mut secrets = original.secrets.clone();
     let snapshot = kv_snapshot(engine, &spec, &mut secrets).await;
     let lookup = lookup_in(&snapshot);
-    let (state, commands) = conductor::rerun(&spec, &original.conductor, tasks, env(&lookup))
-        .map_err(|e| PauseError::Conflict(format!("cannot re-run workflow '{id}': {e}")))?;
+    let mut kept: BTreeMap<String, BTreeMap<usize, Value>> = BTreeMap::new();
+    if !no_reset.is_empty() {
+        let filter = ExecutionFilter {
+            parent_id: Some(id.to_string()),
+            limit: MAX_CHILDREN,
+            ..Default::default()
+        };
+        let mut kids = engine.store.list_executions(&filter).await?;
+        kids.reverse(); // oldest first: a later run of an item wins
+        for name in no_reset {
+            let items = kept.entry(name.clone()).or_default();
+            for kid in &kids {
+                let Some(task) = original.children.get(&kid.id) else {
+                    continue;
+                };
+                let Some(item) = task.item.filter(|_| &task.id == name) else {
+                    continue;
+                };
+                if kid.status == ExecutionStatus::Succeeded {
+                    items.insert(item, kid.result.clone());
+                } else {
+                    items.remove(&item);
+                }
+            }
+        }
+    }
+    let (state, commands) =
+        conductor::rerun_keeping(&spec, &original.conductor, tasks, &kept, env(&lookup))
+            .map_err(|e| PauseError::Conflict(format!("cannot re-run workflow '{id}': {e}")))?;
     let now = Utc::now();
     let mut new = engine
         .build_execution(
