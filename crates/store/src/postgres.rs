@@ -571,25 +571,7 @@ impl Store for PgStore {
         if from.is_empty() {
             return Ok(false);
         }
-        let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
-        let done = sqlx::query(
-            "UPDATE executions SET status = $1, \
-             started_at = CASE WHEN $2 THEN $3 ELSE started_at END, \
-             finished_at = CASE WHEN $4 THEN $3 ELSE finished_at END, \
-             result = COALESCE($5, result) \
-             WHERE id = $6 AND status = ANY($7)",
-        )
-        .bind(to.as_str())
-        .bind(to == ExecutionStatus::Running)
-        .bind(to_ns(at, "transition time")?)
-        .bind(to.is_terminal())
-        .bind(result)
-        .bind(id)
-        .bind(from)
-        .execute(&self.pool)
-        .await
-        .map_err(err("changing an execution's status"))?;
-        Ok(done.rows_affected() > 0)
+        transition_in(&self.pool, id, from, to, result.as_ref(), at).await
     }
 
     async fn get_execution(&self, id: &str) -> Result<Option<Execution>, StoreError> {
@@ -775,29 +757,19 @@ impl Store for PgStore {
             tx.rollback().await.map_err(err(op))?;
             return Ok(false);
         }
-        if let Some(end) = &ended {
-            let from: Vec<&str> = end.from.iter().map(|s| s.as_str()).collect();
-            let done = sqlx::query(
-                "UPDATE executions SET status = $1, \
-                 started_at = CASE WHEN $2 THEN $3 ELSE started_at END, \
-                 finished_at = CASE WHEN $4 THEN $3 ELSE finished_at END, \
-                 result = $5 \
-                 WHERE id = $6 AND status = ANY($7)",
+        if let Some(end) = &ended
+            && !transition_in(
+                &mut *tx,
+                &end.id,
+                &end.from,
+                end.to,
+                Some(&end.result),
+                end.at,
             )
-            .bind(end.to.as_str())
-            .bind(end.to == ExecutionStatus::Running)
-            .bind(to_ns(end.at, "end time")?)
-            .bind(end.to.is_terminal())
-            .bind(&end.result)
-            .bind(&end.id)
-            .bind(from)
-            .execute(&mut *tx)
-            .await
-            .map_err(err(op))?;
-            if done.rows_affected() == 0 {
-                tx.rollback().await.map_err(err(op))?;
-                return Ok(false);
-            }
+            .await?
+        {
+            tx.rollback().await.map_err(err(op))?;
+            return Ok(false);
         }
         for child in &children {
             insert_execution(&mut *tx, child).await?;
@@ -1126,4 +1098,38 @@ mod tests {
         let (url, schema) = split_schema("postgres://u@h/db").unwrap();
         assert_eq!((url.as_str(), schema), ("postgres://u@h/db", None));
     }
+}
+
+/// The conditional status change of [`Store::transition_execution`], on a
+/// pool or inside a transaction.
+async fn transition_in<'e, E>(
+    exec: E,
+    id: &str,
+    from: &[ExecutionStatus],
+    to: ExecutionStatus,
+    result: Option<&serde_json::Value>,
+    at: DateTime<Utc>,
+) -> Result<bool, StoreError>
+where
+    E: sqlx::PgExecutor<'e>,
+{
+    let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+    let done = sqlx::query(
+        "UPDATE executions SET status = $1, \
+         started_at = CASE WHEN $2 THEN $3 ELSE started_at END, \
+         finished_at = CASE WHEN $4 THEN $3 ELSE finished_at END, \
+         result = COALESCE($5, result) \
+         WHERE id = $6 AND status = ANY($7)",
+    )
+    .bind(to.as_str())
+    .bind(to == ExecutionStatus::Running)
+    .bind(to_ns(at, "transition time")?)
+    .bind(to.is_terminal())
+    .bind(result)
+    .bind(id)
+    .bind(from)
+    .execute(exec)
+    .await
+    .map_err(err("changing an execution's status"))?;
+    Ok(done.rows_affected() > 0)
 }
