@@ -1080,26 +1080,6 @@ impl Store for PgStore {
     }
 }
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn schema_parameter_is_split_off() {
-        let (url, schema) = split_schema("postgres://u@h/db?schema=abc_1&sslmode=disable").unwrap();
-        assert_eq!(url, "postgres://u@h/db?sslmode=disable");
-        assert_eq!(schema.as_deref(), Some("abc_1"));
-        let (url, schema) = split_schema("postgres://u@h/db?schema=x").unwrap();
-        assert_eq!(url, "postgres://u@h/db");
-        assert_eq!(schema.as_deref(), Some("x"));
-        assert!(split_schema("postgres://u@h/db?schema=a;drop").is_err());
-        assert!(split_schema("postgres://u@h/db?schema=1a").is_err());
-        let (url, schema) = split_schema("postgres://u@h/db").unwrap();
-        assert_eq!((url.as_str(), schema), ("postgres://u@h/db", None));
-    }
-}
-
 /// The conditional status change of [`Store::transition_execution`], on a
 /// pool or inside a transaction.
 async fn transition_in<'e, E>(
@@ -1132,4 +1112,24 @@ where
     .await
     .map_err(err("changing an execution's status"))?;
     Ok(done.rows_affected() > 0)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_parameter_is_split_off() {
+        let (url, schema) = split_schema("postgres://u@h/db?schema=abc_1&sslmode=disable").unwrap();
+        assert_eq!(url, "postgres://u@h/db?sslmode=disable");
+        assert_eq!(schema.as_deref(), Some("abc_1"));
+        let (url, schema) = split_schema("postgres://u@h/db?schema=x").unwrap();
+        assert_eq!(url, "postgres://u@h/db");
+        assert_eq!(schema.as_deref(), Some("x"));
+        assert!(split_schema("postgres://u@h/db?schema=a;drop").is_err());
+        assert!(split_schema("postgres://u@h/db?schema=1a").is_err());
+        let (url, schema) = split_schema("postgres://u@h/db").unwrap();
+        assert_eq!((url.as_str(), schema), ("postgres://u@h/db", None));
+    }
 }
