@@ -801,19 +801,13 @@ pub async fn step(engine: &Engine, wf_id: &str) -> bool {
             .await;
             return true;
         };
-        let filter = ExecutionFilter {
-            parent_id: Some(wf_id.to_string()),
-            limit: MAX_CHILDREN,
-            ..Default::default()
-        };
-        let mut kids = match engine.store.list_executions(&filter).await {
+        let kids = match children_oldest_first(engine, wf_id).await {
             Ok(k) => k,
             Err(e) => {
                 tracing::warn!(workflow = wf_id, error = %e, "cannot list workflow children");
                 return false;
             }
         };
-        kids.reverse(); // oldest first
         let snapshot = kv_snapshot(engine, &spec, &mut stored.secrets).await;
         let lookup = lookup_in(&snapshot);
         let mut commands = Vec::new();
@@ -1017,18 +1011,26 @@ async fn unfinished_workflow_children(
     engine: &Engine,
     wf_id: &str,
 ) -> Result<Vec<Execution>, aviary_store::StoreError> {
+    Ok(children_oldest_first(engine, wf_id)
+        .await?
+        .into_iter()
+        .filter(|k| k.runner == WORKFLOW_RUNNER && !k.status.is_terminal())
+        .collect())
+}
+
+/// The child executions of workflow `wf_id`, oldest first.
+async fn children_oldest_first(
+    engine: &Engine,
+    wf_id: &str,
+) -> Result<Vec<Execution>, aviary_store::StoreError> {
     let filter = ExecutionFilter {
         parent_id: Some(wf_id.to_string()),
         limit: MAX_CHILDREN,
         ..Default::default()
     };
-    Ok(engine
-        .store
-        .list_executions(&filter)
-        .await?
-        .into_iter()
-        .filter(|k| k.runner == WORKFLOW_RUNNER && !k.status.is_terminal())
-        .collect())
+    let mut kids = engine.store.list_executions(&filter).await?;
+    kids.reverse(); // the store lists newest first
+    Ok(kids)
 }
 
 /// The workflow execution `id`, or why it cannot be `verb` (paused, resumed).
@@ -1187,13 +1189,8 @@ pub async fn rerun(
     let lookup = lookup_in(&snapshot);
     let mut kept: BTreeMap<String, BTreeMap<usize, Value>> = BTreeMap::new();
     if !no_reset.is_empty() {
-        let filter = ExecutionFilter {
-            parent_id: Some(id.to_string()),
-            limit: MAX_CHILDREN,
-            ..Default::default()
-        };
-        let mut kids = engine.store.list_executions(&filter).await?;
-        kids.reverse(); // oldest first: a later run of an item wins
+        // Oldest first: a later run of an item wins.
+        let kids = children_oldest_first(engine, id).await?;
         for name in no_reset {
             let items = kept.entry(name.clone()).or_default();
             for kid in &kids {
@@ -1279,12 +1276,7 @@ pub async fn root_workflow(engine: &Engine, id: &str) -> Option<String> {
 /// Cancels the non-terminal children of a workflow being canceled, then
 /// steps it (it ends as canceled once no child runs).
 pub async fn cancel_children(engine: &Engine, wf_id: &str) {
-    let filter = ExecutionFilter {
-        parent_id: Some(wf_id.to_string()),
-        limit: MAX_CHILDREN,
-        ..Default::default()
-    };
-    match engine.store.list_executions(&filter).await {
+    match children_oldest_first(engine, wf_id).await {
         Ok(kids) => {
             for kid in kids.into_iter().filter(|k| !k.status.is_terminal()) {
                 if let Err(e) = Box::pin(engine.cancel(&kid.id)).await {
@@ -1424,17 +1416,9 @@ async fn tree_of(engine: &Engine, wf: &Execution, depth: usize) -> Value {
     let Some(stored) = stored else {
         return json!({"id": wf.id, "action": wf.action, "status": wf.status, "tasks": []});
     };
-    let filter = ExecutionFilter {
-        parent_id: Some(wf.id.clone()),
-        limit: MAX_CHILDREN,
-        ..Default::default()
-    };
-    let mut kids = engine
-        .store
-        .list_executions(&filter)
+    let kids = children_oldest_first(engine, &wf.id)
         .await
         .unwrap_or_default();
-    kids.reverse();
     // Each child goes to the first entry of its task instance that was
     // still open when the child was created (cycles make several entries).
     let seq = &stored.conductor.sequence;
