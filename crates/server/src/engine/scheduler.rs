@@ -258,44 +258,16 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) -> bool {
         super::inquiry::open(engine, &exec, params).await;
         return false;
     }
+    // A task a workflow step stored `running` here had its cancel token
+    // registered before it was stored, so a cancel since then fired it.
     let registered = engine
         .running
         .lock()
         .ok()
         .and_then(|running| running.get(&id).cloned());
-    let cancel = registered.clone().unwrap_or_default();
-    if exec.status == ExecutionStatus::Running && registered.is_some() {
-        // Stored running by the workflow step that created it on this node,
-        // which registered its cancel token before storing it: a cancel
-        // since then has fired the token.
-    } else if exec.status == ExecutionStatus::Running {
-        // Register the cancel token before reading the status, so a cancel
-        // either finds the token or is seen here.
-        register(engine, &id, &cancel);
-        match engine.store.get_execution(&id).await {
-            Ok(Some(now)) if now.status == ExecutionStatus::Running => {}
-            Ok(Some(now)) if now.status == ExecutionStatus::Canceling => {
-                unregister(engine, &id);
-                return finish(
-                    engine,
-                    &exec,
-                    &[ExecutionStatus::Canceling],
-                    ExecutionStatus::Canceled,
-                    json!({"error": "canceled before it started"}),
-                )
-                .await;
-            }
-            Ok(_) => {
-                unregister(engine, &id);
-                return false;
-            }
-            Err(e) => {
-                tracing::error!(execution = %id, error = %e, "cannot read an execution before running it");
-                unregister(engine, &id);
-                return false;
-            }
-        }
-    } else {
+    let preregistered = registered.is_some();
+    let cancel = registered.unwrap_or_default();
+    if exec.status != ExecutionStatus::Running {
         match engine
             .store
             .transition_execution(
@@ -320,6 +292,8 @@ async fn run_one_inner(engine: &Engine, new: NewExecution) -> bool {
                 return false;
             }
         }
+    }
+    if !preregistered {
         register(engine, &id, &cancel);
     }
 

@@ -1149,17 +1149,7 @@ pub async fn rerun(
     no_reset: &[String],
     requested_by: &str,
 ) -> Result<Execution, PauseError> {
-    let exec = engine
-        .store
-        .get_execution(id)
-        .await?
-        .ok_or_else(|| PauseError::NotFound(id.to_string()))?;
-    if exec.runner != WORKFLOW_RUNNER {
-        return Err(PauseError::Conflict(format!(
-            "execution '{id}' runs action '{}', not a workflow; only workflows can be re-run from tasks",
-            exec.action
-        )));
-    }
+    let exec = workflow_execution(engine, id, "re-run from tasks").await?;
     if !exec.status.is_terminal() {
         return Err(PauseError::Conflict(format!(
             "workflow '{id}' is {}; only a finished workflow can be re-run",
